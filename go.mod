@@ -3,6 +3,8 @@ module github.com/maddy-spool/spool
 go 1.26.8
 
 require (
+	github.com/emersion/go-message v0.18.2
+	github.com/emersion/go-smtp v0.21.3
 	github.com/foxcpp/maddy v0.8.1
 	github.com/prometheus/client_golang v1.25.0
 	github.com/urfave/cli/v2 v2.27.7
@@ -42,11 +44,9 @@ require (
 	github.com/emersion/go-imap v1.2.2-0.20220928192137-6fac715be9cf // indirect
 	github.com/emersion/go-imap-compress v0.0.0-20201103190257-14809af1d1b9 // indirect
 	github.com/emersion/go-imap-sortthread v1.2.0 // indirect
-	github.com/emersion/go-message v0.18.2 // indirect
 	github.com/emersion/go-milter v0.4.1 // indirect
 	github.com/emersion/go-msgauth v0.6.8 // indirect
 	github.com/emersion/go-sasl v0.0.0-20241020182733-b788ff22d5a6 // indirect
-	github.com/emersion/go-smtp v0.21.3 // indirect
 	github.com/fatih/color v1.18.0 // indirect
 	github.com/felixge/httpsnoop v1.0.4 // indirect
 	github.com/foxcpp/go-dovecot-sasl v0.0.0-20200522223722-c4699d7a24bf // indirect

@@ -1,0 +1,252 @@
+package queue
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/emersion/go-message/textproto"
+	"github.com/foxcpp/maddy/framework/module"
+
+	"github.com/maddy-spool/spool/internal/target/queue/attempt"
+	"github.com/maddy-spool/spool/internal/target/queue/metrics"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+)
+
+// storeRetryDelay is how soon a message is tried again after its state
+// could not be read or written (an I/O error rather than a delivery
+// failure).
+const storeRetryDelay = time.Minute
+
+// reportRetryDelay is how soon a DSN that the bounce pipeline refused is
+// tried again; reportGiveUp bounds how long past max_age that goes on.
+const (
+	reportRetryDelay = 5 * time.Minute
+	reportGiveUp     = 24 * time.Hour
+)
+
+// attempt is run by the scheduler for each due message, at most
+// max_parallelism at once. It ends by calling sched.Finish exactly once.
+func (q *Queue) attempt(id store.ID) {
+	m, wasDirty, err := q.load(id)
+	if err != nil {
+		q.handleLoadError(id, err)
+		return
+	}
+	pendingBefore := len(m.Pending())
+	if wasDirty && pendingBefore > 0 && m.NextAttempt.After(q.clock.Now()) {
+		// Only the save is overdue, not the next attempt.
+		if err := q.store.Update(q.attemptCtx, m); err != nil {
+			q.keepDirty(m, err, q.clock.Now())
+			return
+		}
+		q.dropDirty(id)
+		q.sched.Finish(id, true, m.NextAttempt)
+		return
+	}
+	if pendingBefore > 0 {
+		if err := q.deliver(m); err != nil {
+			q.handleLoadError(id, err)
+			return
+		}
+	}
+	q.conclude(m, pendingBefore)
+}
+
+// load returns the message's current state: the unsaved copy of a
+// previous attempt if there is one, else the stored metadata.
+func (q *Queue) load(id store.ID) (m *store.Message, dirty bool, err error) {
+	q.dirtyMu.Lock()
+	m = q.dirty[id]
+	q.dirtyMu.Unlock()
+	if m != nil {
+		return m, true, nil
+	}
+	m, err = q.store.Get(id)
+	return m, false, err
+}
+
+func (q *Queue) handleLoadError(id store.ID, err error) {
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		// Deleted meanwhile (e.g. by an operator): nothing to do.
+		q.sched.Finish(id, false, time.Time{})
+	case errors.Is(err, store.ErrCorrupt):
+		// Quarantined by the store (counted and logged there); it leaves
+		// the queue's figures.
+		q.messages.Add(-1)
+		q.sched.Finish(id, false, time.Time{})
+	default:
+		q.Log.Error("cannot read queued message, will retry", err, "queue_id", id.String())
+		q.sched.Finish(id, true, q.clock.Now().Add(storeRetryDelay))
+	}
+}
+
+// deliver runs one attempt for the pending recipients of m and records the
+// outcome in m (not yet on disk).
+func (q *Queue) deliver(m *store.Message) error {
+	content, err := q.store.Content(m)
+	if err != nil {
+		if errors.Is(err, store.ErrCorrupt) {
+			q.recipients.Add(-int64(len(m.Pending())))
+		}
+		return err
+	}
+	header, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(content.Header)))
+	if err != nil {
+		reason := fmt.Errorf("stored header cannot be parsed: %w", err)
+		q.store.Quarantine(m.ID, reason)
+		q.recipients.Add(-int64(len(m.Pending())))
+		return fmt.Errorf("%w: %v", store.ErrCorrupt, reason)
+	}
+
+	pending := m.Pending()
+	rcpts := make([]attempt.Recipient, len(pending))
+	for i, idx := range pending {
+		rcpts[i] = attempt.Recipient{Addr: m.Rcpts[idx].Addr, Opts: rcptOptions(&m.Rcpts[idx])}
+	}
+	now := q.clock.Now()
+	started := time.Now()
+	errs := attempt.Run(q.attemptCtx, q.target, attempt.Message{
+		Meta:   q.nestedMeta(m),
+		From:   m.From,
+		Rcpts:  rcpts,
+		Header: header,
+		Body:   content.Body,
+	})
+	took := time.Since(started)
+	metrics.AttemptDuration.WithLabelValues(q.name).Observe(took.Seconds())
+
+	rec := store.AttemptRecord{Time: now, Duration: took}
+	maxTries := 0
+	for i, idx := range pending {
+		r := &m.Rcpts[idx]
+		r.Tries++
+		r.LastAttempt = now
+		if r.Tries > maxTries {
+			maxTries = r.Tries
+		}
+		if errs[i] == nil {
+			r.State, r.LastError = store.RcptDelivered, nil
+			rec.Delivered++
+			metrics.Attempts.WithLabelValues(q.name, metrics.ResultDelivered).Inc()
+			continue
+		}
+		st := attempt.Status(errs[i])
+		r.LastError = &st
+		if rec.Error == "" {
+			rec.Error = attempt.FormatStatus(st)
+		}
+		if st.Temporary {
+			rec.Temporary++
+			metrics.Attempts.WithLabelValues(q.name, metrics.ResultTemporary).Inc()
+		} else {
+			r.State = store.RcptFailed
+			rec.Permanent++
+			metrics.Attempts.WithLabelValues(q.name, metrics.ResultPermanent).Inc()
+		}
+		q.Log.Msg("delivery attempt failed", "queue_id", m.ID.String(), "msg_id", m.MsgID, "rcpt", r.Addr,
+			"temporary", st.Temporary, "smtp_code", st.Code, "reason", st.Message, "tries", r.Tries)
+	}
+	if m.FirstAttempt.IsZero() {
+		m.FirstAttempt = now
+	}
+	m.LastAttempt = now
+	m.Attempts++
+	m.AddHistory(rec)
+
+	if rec.Temporary > 0 {
+		retry := q.cfg.policy.AfterFailure(maxTries, m.Arrival, now, q.rand())
+		if retry.GiveUp {
+			// Out of tries or time: what is still temporary becomes
+			// permanent, keeping the last (4xx) error for the DSN.
+			for _, idx := range m.Pending() {
+				m.Rcpts[idx].State = store.RcptFailed
+			}
+		} else {
+			m.NextAttempt = retry.At
+		}
+	}
+	return nil
+}
+
+// nestedMeta rebuilds maddy's message metadata for the nested target. The
+// connection state is not kept (it holds live objects), as in maddy's own
+// queue: nested targets see a message without a client connection.
+func (q *Queue) nestedMeta(m *store.Message) *module.MsgMetadata {
+	meta := &module.MsgMetadata{
+		ID:                 m.MsgID,
+		OriginalFrom:       m.OriginalFrom,
+		DontTraceSender:    m.DontTraceSender,
+		Quarantine:         m.Quarantine,
+		SMTPOpts:           smtpMailOptions(m.MailOpts),
+		TLSRequireOverride: m.TLSRequireOverride,
+	}
+	for _, r := range m.Rcpts {
+		if r.Original != "" {
+			if meta.OriginalRcpts == nil {
+				meta.OriginalRcpts = map[string]string{}
+			}
+			meta.OriginalRcpts[r.Addr] = r.Original
+		}
+	}
+	return meta
+}
+
+// conclude sends the DSNs the attempt made due, then removes the message
+// if nothing is left to do, or saves it and schedules the next attempt.
+// DSNs go out before the state that records them is saved: a crash in
+// between repeats a report rather than losing it.
+func (q *Queue) conclude(m *store.Message, pendingBefore int) {
+	now := q.clock.Now()
+	reportPending := q.sendReports(m, now)
+	pendingAfter := len(m.Pending())
+	q.recipients.Add(int64(pendingAfter - pendingBefore))
+
+	if pendingAfter == 0 && !reportPending {
+		if err := q.store.Delete(q.attemptCtx, m.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+			q.keepDirty(m, err, now)
+			return
+		}
+		q.dropDirty(m.ID)
+		q.messages.Add(-1)
+		q.sched.Finish(m.ID, false, time.Time{})
+		q.Log.Debugf("%v done after %d attempts", m.ID, m.Attempts)
+		return
+	}
+	if pendingAfter == 0 {
+		m.NextAttempt = now.Add(reportRetryDelay)
+	}
+	if err := q.store.Update(q.attemptCtx, m); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			q.dropDirty(m.ID)
+			q.messages.Add(-1)
+			q.recipients.Add(-int64(pendingAfter))
+			q.sched.Finish(m.ID, false, time.Time{})
+			return
+		}
+		q.keepDirty(m, err, now)
+		return
+	}
+	q.dropDirty(m.ID)
+	q.sched.Finish(m.ID, true, m.NextAttempt)
+}
+
+// keepDirty remembers an outcome that could not be saved and retries soon.
+// Until it is saved, the in-memory copy is the truth: recipients recorded
+// as delivered in it are not sent again while the server runs.
+func (q *Queue) keepDirty(m *store.Message, err error, now time.Time) {
+	q.Log.Error("cannot save queue state after attempt, will retry", err, "queue_id", m.ID.String())
+	q.dirtyMu.Lock()
+	q.dirty[m.ID] = m
+	q.dirtyMu.Unlock()
+	q.sched.Finish(m.ID, true, now.Add(storeRetryDelay))
+}
+
+func (q *Queue) dropDirty(id store.ID) {
+	q.dirtyMu.Lock()
+	delete(q.dirty, id)
+	q.dirtyMu.Unlock()
+}

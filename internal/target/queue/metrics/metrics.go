@@ -1,0 +1,148 @@
+// Package metrics defines target.spool's Prometheus metrics. They live on
+// the default registry, which maddy's openmetrics endpoint serves, and carry
+// a "module" label with the target.spool instance name.
+package metrics
+
+import (
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Attempt results, per recipient.
+const (
+	ResultDelivered = "delivered"
+	ResultTemporary = "temporary"
+	ResultPermanent = "permanent"
+)
+
+var (
+	// Attempts counts delivery attempts per recipient by result.
+	Attempts = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_attempts_total",
+		Help: "Delivery attempts per recipient, by result (delivered, temporary, permanent).",
+	}, []string{"module", "result"})
+
+	// AttemptDuration observes how long one attempt (one transaction with
+	// the nested target) takes.
+	AttemptDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "maddy_spool_attempt_duration_seconds",
+		Help:    "Duration of one delivery attempt to the nested target.",
+		Buckets: []float64{0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
+	}, []string{"module"})
+
+	// DSNs counts delivery status notifications handed to the bounce
+	// pipeline, by action (failed, delayed, delivered, relayed).
+	DSNs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_dsn_generated_total",
+		Help: "Delivery status notifications generated, by action.",
+	}, []string{"module", "action"})
+
+	// DSNsNotSent counts reports that were owed but not sent, by reason
+	// (no_bounce_pipeline, error, null_sender).
+	DSNsNotSent = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_dsn_not_sent_total",
+		Help: "Delivery status notifications owed but not sent, by reason.",
+	}, []string{"module", "reason"})
+
+	// Quarantined counts entries moved aside as unreadable.
+	Quarantined = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_quarantined_total",
+		Help: "Queue entries moved to quarantine because they could not be read.",
+	}, []string{"module"})
+
+	// Enqueued counts messages accepted into the queue.
+	Enqueued = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_enqueued_total",
+		Help: "Messages durably accepted into the queue.",
+	}, []string{"module"})
+
+	// EnqueueFailures counts messages the queue could not store.
+	EnqueueFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_enqueue_failures_total",
+		Help: "Messages refused because the queue could not store them.",
+	}, []string{"module"})
+)
+
+// Gauges are a queue's current figures, read at scrape time.
+type Gauges struct {
+	Messages   int64
+	Recipients int64
+	Held       int64
+	// Oldest is the arrival of the oldest queued message (zero if none).
+	Oldest time.Time
+	Now    time.Time
+}
+
+// Source reports a queue's gauges.
+type Source interface {
+	Gauges() Gauges
+}
+
+var (
+	messagesDesc = prometheus.NewDesc("maddy_spool_messages_queued",
+		"Messages in the queue (including held).", []string{"module"}, nil)
+	recipientsDesc = prometheus.NewDesc("maddy_spool_recipients_queued",
+		"Recipients still pending delivery.", []string{"module"}, nil)
+	heldDesc = prometheus.NewDesc("maddy_spool_messages_held",
+		"Messages held by an operator.", []string{"module"}, nil)
+	oldestDesc = prometheus.NewDesc("maddy_spool_oldest_message_age_seconds",
+		"Age of the oldest queued message (0 when the queue is empty).", []string{"module"}, nil)
+)
+
+// gaugeCollector reports the gauges of every registered queue. One
+// collector for all instances keeps registration global and lets a test
+// create and close many queues with the same name.
+type gaugeCollector struct {
+	mu      sync.Mutex
+	sources map[string]Source
+}
+
+var gauges = &gaugeCollector{sources: map[string]Source{}}
+
+func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- messagesDesc
+	ch <- recipientsDesc
+	ch <- heldDesc
+	ch <- oldestDesc
+}
+
+func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	srcs := make(map[string]Source, len(c.sources))
+	for k, v := range c.sources {
+		srcs[k] = v
+	}
+	c.mu.Unlock()
+	for name, src := range srcs {
+		g := src.Gauges()
+		age := 0.0
+		if !g.Oldest.IsZero() {
+			age = g.Now.Sub(g.Oldest).Seconds()
+		}
+		ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.GaugeValue, float64(g.Messages), name)
+		ch <- prometheus.MustNewConstMetric(recipientsDesc, prometheus.GaugeValue, float64(g.Recipients), name)
+		ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(g.Held), name)
+		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
+	}
+}
+
+// Register makes src's gauges visible under the instance name; the
+// returned function removes them (only if src is still the one registered).
+func Register(name string, src Source) (unregister func()) {
+	gauges.mu.Lock()
+	gauges.sources[name] = src
+	gauges.mu.Unlock()
+	return func() {
+		gauges.mu.Lock()
+		if gauges.sources[name] == src {
+			delete(gauges.sources, name)
+		}
+		gauges.mu.Unlock()
+	}
+}
+
+func init() {
+	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, gauges)
+}

@@ -1,0 +1,205 @@
+// Package queue implements target.spool, a maddy delivery target that keeps
+// each message on disk and delivers it to a nested target (usually
+// target.remote), retrying per recipient until every recipient is delivered
+// or has failed, and telling the sender what happened through DSNs.
+//
+// The package is the module glue; each concern has its own package:
+//
+//	store     on-disk storage and its durability contract
+//	schedule  retry policy and the scheduler that dispatches due messages
+//	attempt   one delivery attempt and how failures map to recipients
+//	metrics   Prometheus metrics
+//	internal/dsn  the delivery status notification format
+//
+// A message is accepted (Body or BodyNonAtomic returns nil) only once the
+// store has made it durable; Commit then schedules it. See the store
+// package for what survives a crash.
+package queue
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/foxcpp/maddy/framework/config"
+	"github.com/foxcpp/maddy/framework/log"
+	"github.com/foxcpp/maddy/framework/module"
+
+	"github.com/maddy-spool/spool/internal/target/queue/metrics"
+	"github.com/maddy-spool/spool/internal/target/queue/schedule"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+)
+
+// ModName is the name target.spool registers under. maddy's own
+// target.queue stays available next to it.
+const ModName = "target.spool"
+
+// Queue is a target.spool instance.
+type Queue struct {
+	name     string
+	location string
+	Log      log.Logger
+
+	cfg    settings
+	target module.DeliveryTarget
+	// bounce delivers DSNs; nil when no bounce {} block is configured.
+	bounce module.DeliveryTarget
+
+	store store.Store
+	sched *schedule.Scheduler
+	clock schedule.Clock
+	rand  func() float64
+
+	// dirty holds messages whose post-attempt update could not be written
+	// (e.g. disk full), so the next attempt starts from the true state and
+	// never re-sends recipients already delivered.
+	dirtyMu sync.Mutex
+	dirty   map[store.ID]*store.Message
+
+	messages, recipients, held atomic.Int64
+
+	stopDispatch   context.CancelFunc
+	attemptCtx     context.Context
+	cancelAttempts context.CancelFunc
+	runDone        chan struct{}
+	loadDone       chan struct{}
+	unregister     func()
+	closeOnce      sync.Once
+}
+
+// New creates an unconfigured target.spool instance; maddy calls Init next.
+// The one inline argument, if given, is the queue location.
+func New(_, instName string, _, inlineArgs []string) (module.Module, error) {
+	q := &Queue{
+		name:  instName,
+		Log:   log.Logger{Name: ModName},
+		clock: schedule.SystemClock{},
+		rand:  rand.Float64,
+		dirty: make(map[store.ID]*store.Message),
+	}
+	switch len(inlineArgs) {
+	case 0:
+	case 1:
+		q.location = inlineArgs[0]
+	default:
+		return nil, fmt.Errorf("%s: at most one inline argument (the location) is accepted, got %d", ModName, len(inlineArgs))
+	}
+	return q, nil
+}
+
+func init() {
+	module.Register(ModName, New)
+}
+
+func (q *Queue) Name() string         { return ModName }
+func (q *Queue) InstanceName() string { return q.name }
+
+// Init reads the configuration, opens the store and starts delivering.
+func (q *Queue) Init(cfg *config.Map) error {
+	if err := q.configure(cfg); err != nil {
+		return err
+	}
+	if q.bounce == nil {
+		q.Log.Printf("no bounce {} block: senders will not be told about failed deliveries (counted in maddy_spool_dsn_not_sent_total)")
+	}
+	st, err := store.OpenDir(q.location, store.DirOptions{
+		OnQuarantine: q.onQuarantine,
+		Logf:         q.Log.Printf,
+	})
+	if err != nil {
+		return fmt.Errorf("%s (%s:%d): location %s: %w", ModName, cfg.Block.File, cfg.Block.Line, q.location, err)
+	}
+	return q.start(st)
+}
+
+// start runs the queue on st: it accepts new mail at once and loads the
+// schedule of the stored messages in the background, so a large queue does
+// not delay the server's start.
+func (q *Queue) start(st store.Store) error {
+	q.store = st
+	q.sched = schedule.New(q.clock)
+	var dispatchCtx context.Context
+	dispatchCtx, q.stopDispatch = context.WithCancel(context.Background())
+	q.attemptCtx, q.cancelAttempts = context.WithCancel(context.Background())
+	q.runDone = make(chan struct{})
+	q.loadDone = make(chan struct{})
+	q.unregister = metrics.Register(q.name, q)
+
+	go func() {
+		defer close(q.loadDone)
+		q.loadSchedule()
+	}()
+	go func() {
+		defer close(q.runDone)
+		q.sched.Run(dispatchCtx, q.cfg.maxParallelism, q.attempt)
+	}()
+	return nil
+}
+
+func (q *Queue) loadSchedule() {
+	start := time.Now()
+	n := 0
+	err := q.store.Schedule(func(e store.SchedEntry) error {
+		n++
+		q.messages.Add(1)
+		q.recipients.Add(int64(e.Pending))
+		if e.Held {
+			q.held.Add(1)
+			return nil
+		}
+		q.sched.Add(e.ID, e.NextAttempt)
+		return nil
+	})
+	if err != nil {
+		q.Log.Error("loading the queue failed; entries not yet loaded will be picked up on restart", err, "loaded", n)
+		return
+	}
+	q.Log.Debugf("scheduled %d queued messages in %v", n, time.Since(start))
+}
+
+// WaitLoaded blocks until the stored messages have been scheduled.
+func (q *Queue) WaitLoaded() { <-q.loadDone }
+
+// Close stops starting attempts, lets attempts in flight finish for up to
+// shutdown_timeout (then cancels them: their recipients keep the state they
+// had and are retried after restart), and closes the store.
+func (q *Queue) Close() error {
+	var err error
+	q.closeOnce.Do(func() {
+		q.stopDispatch()
+		<-q.loadDone
+		select {
+		case <-q.runDone:
+		case <-time.After(q.cfg.shutdownTimeout):
+			q.Log.Printf("attempts still running after %v, cancelling them", q.cfg.shutdownTimeout)
+			q.cancelAttempts()
+			<-q.runDone
+		}
+		q.cancelAttempts()
+		q.unregister()
+		err = q.store.Close()
+	})
+	return err
+}
+
+// Gauges implements metrics.Source.
+func (q *Queue) Gauges() metrics.Gauges {
+	g := metrics.Gauges{
+		Messages:   q.messages.Load(),
+		Recipients: q.recipients.Load(),
+		Held:       q.held.Load(),
+		Now:        q.clock.Now(),
+	}
+	if oldest, ok, err := q.store.Oldest(); err == nil && ok {
+		g.Oldest = oldest
+	}
+	return g
+}
+
+func (q *Queue) onQuarantine(id store.ID, reason error) {
+	metrics.Quarantined.WithLabelValues(q.name).Inc()
+	q.Log.Error("queue entry moved to quarantine", reason, "queue_id", id.String())
+}

@@ -1,0 +1,241 @@
+// Package schedule decides when queued messages are attempted: the retry
+// policy, and a scheduler that hands due messages to a bounded number of
+// workers.
+package schedule
+
+import (
+	"container/heap"
+	"context"
+	"sync"
+	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+)
+
+// Request is an operator's request about a message, recorded while the
+// message is being attempted and handed back when the attempt ends. Its
+// meaning belongs to the caller.
+type Request uint8
+
+// State is where a message stands in the scheduler.
+type State uint8
+
+const (
+	// Unknown: not scheduled and not in flight (held, or not queued).
+	Unknown State = iota
+	// Scheduled: waiting for its due time.
+	Scheduled
+	// InFlight: handed to a worker, whose attempt has not finished.
+	InFlight
+)
+
+type entry struct {
+	due   int64 // Unix nanoseconds
+	id    store.ID
+	index int
+}
+
+type entryHeap []*entry
+
+func (h entryHeap) Len() int { return len(h) }
+func (h entryHeap) Less(i, j int) bool {
+	if h[i].due != h[j].due {
+		return h[i].due < h[j].due
+	}
+	return h[i].id < h[j].id
+}
+func (h entryHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].index, h[j].index = i, j
+}
+func (h *entryHeap) Push(x interface{}) {
+	e := x.(*entry)
+	e.index = len(*h)
+	*h = append(*h, e)
+}
+func (h *entryHeap) Pop() interface{} {
+	old := *h
+	e := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return e
+}
+
+// Scheduler keeps the due times of queued messages in a heap (O(log n) per
+// change, independent of queue size) and dispatches due messages.
+type Scheduler struct {
+	clock Clock
+
+	mu       sync.Mutex
+	heap     entryHeap
+	index    map[store.ID]*entry
+	inflight map[store.ID]Request
+	wake     chan struct{}
+}
+
+// New returns an empty scheduler.
+func New(clock Clock) *Scheduler {
+	return &Scheduler{
+		clock:    clock,
+		index:    make(map[store.ID]*entry),
+		inflight: make(map[store.ID]Request),
+		wake:     make(chan struct{}, 1),
+	}
+}
+
+// Add schedules id at due, or moves it there if already scheduled. A
+// message in flight is not scheduled again; Add returns false for it.
+func (s *Scheduler) Add(id store.ID, due time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.inflight[id]; ok {
+		return false
+	}
+	d := due.UnixNano()
+	if e, ok := s.index[id]; ok {
+		e.due = d
+		heap.Fix(&s.heap, e.index)
+	} else {
+		e := &entry{due: d, id: id}
+		heap.Push(&s.heap, e)
+		s.index[id] = e
+	}
+	if s.heap[0].id == id {
+		s.kick()
+	}
+	return true
+}
+
+func (s *Scheduler) kick() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Remove unschedules id. For a message in flight it records req (merged
+// with earlier requests), to be returned by the worker's Finish, and
+// returns InFlight. For a scheduled message it returns Scheduled.
+func (s *Scheduler) Remove(id store.ID, req Request) State {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if r, ok := s.inflight[id]; ok {
+		s.inflight[id] = r | req
+		return InFlight
+	}
+	e, ok := s.index[id]
+	if !ok {
+		return Unknown
+	}
+	heap.Remove(&s.heap, e.index)
+	delete(s.index, id)
+	return Scheduled
+}
+
+// State returns where id stands and, if scheduled, its due time.
+func (s *Scheduler) State(id store.ID) (State, time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.inflight[id]; ok {
+		return InFlight, time.Time{}
+	}
+	if e, ok := s.index[id]; ok {
+		return Scheduled, time.Unix(0, e.due)
+	}
+	return Unknown, time.Time{}
+}
+
+// Len returns the number of scheduled messages (not counting in flight).
+func (s *Scheduler) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.heap)
+}
+
+// InFlight returns the number of messages being attempted.
+func (s *Scheduler) InFlight() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.inflight)
+}
+
+// Finish ends the in-flight state of id and returns the requests recorded
+// meanwhile. If reschedule is true and no request was recorded, id is
+// scheduled at due in the same step, so no request can slip in between.
+func (s *Scheduler) Finish(id store.ID, reschedule bool, due time.Time) Request {
+	s.mu.Lock()
+	req := s.inflight[id]
+	delete(s.inflight, id)
+	s.mu.Unlock()
+	if reschedule && req == 0 {
+		s.Add(id, due)
+	}
+	return req
+}
+
+// Run dispatches due messages to fn, each in its own goroutine, with at
+// most parallel running at once; a message is marked in flight before fn
+// is called and stays so until fn calls Finish. Run returns when ctx is
+// done and every fn it started has returned. fn must call Finish.
+func (s *Scheduler) Run(ctx context.Context, parallel int, fn func(id store.ID)) {
+	sem := make(chan struct{}, parallel)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		// Take a worker slot first: due messages stay in the heap (where
+		// operators can still act on them) until a worker is free.
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		id, ok := s.next(ctx)
+		if !ok {
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			fn(id)
+		}()
+	}
+}
+
+// next waits until the earliest message is due, then pops it and marks it
+// in flight.
+func (s *Scheduler) next(ctx context.Context) (store.ID, bool) {
+	for {
+		s.mu.Lock()
+		var wait time.Duration = -1
+		if len(s.heap) > 0 {
+			top := s.heap[0]
+			wait = time.Duration(top.due - s.clock.Now().UnixNano())
+			if wait <= 0 {
+				heap.Pop(&s.heap)
+				delete(s.index, top.id)
+				s.inflight[top.id] = 0
+				s.mu.Unlock()
+				return top.id, true
+			}
+		}
+		s.mu.Unlock()
+
+		var timer Timer
+		var fire <-chan time.Time
+		if wait > 0 {
+			timer = s.clock.NewTimer(wait)
+			fire = timer.C()
+		}
+		select {
+		case <-fire:
+		case <-s.wake:
+		case <-ctx.Done():
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		if ctx.Err() != nil {
+			return 0, false
+		}
+	}
+}

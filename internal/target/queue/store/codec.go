@@ -1,0 +1,118 @@
+package store
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// metaVersion is the version of the metadata encoding written by this code.
+// An entry with a higher version was written by a newer Spool: it is
+// quarantined rather than misread.
+const metaVersion = 1
+
+// maxMetaSize bounds what the decoder accepts, so a damaged length can never
+// make it allocate without limit.
+const maxMetaSize = 16 << 20
+
+type metaEnvelope struct {
+	V int `json:"v"`
+	*Message
+}
+
+func encodeMeta(m *Message) ([]byte, error) {
+	return json.Marshal(metaEnvelope{V: metaVersion, Message: m})
+}
+
+func decodeMeta(id ID, b []byte) (*Message, error) {
+	if len(b) > maxMetaSize {
+		return nil, fmt.Errorf("metadata of %d bytes exceeds limit", len(b))
+	}
+	env := metaEnvelope{Message: &Message{}}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&env); err != nil {
+		return nil, fmt.Errorf("metadata: %w", err)
+	}
+	if dec.More() {
+		return nil, errors.New("metadata: trailing data")
+	}
+	if env.V != metaVersion {
+		return nil, fmt.Errorf("metadata format version %d, this build reads %d", env.V, metaVersion)
+	}
+	m := env.Message
+	m.ID = id
+	if err := validateMeta(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// validateMeta rejects decoded metadata that would make the queue misbehave.
+func validateMeta(m *Message) error {
+	if len(m.Rcpts) == 0 {
+		return errors.New("metadata: no recipients")
+	}
+	if m.HeaderLen < 0 || m.BodyLen < 0 {
+		return errors.New("metadata: negative content length")
+	}
+	if m.Arrival.IsZero() {
+		return errors.New("metadata: no arrival time")
+	}
+	for i := range m.Rcpts {
+		if m.Rcpts[i].State > RcptFailed {
+			return fmt.Errorf("metadata: recipient %d: unknown state %d", i, m.Rcpts[i].State)
+		}
+	}
+	return nil
+}
+
+// A sched value is fixed-size binary: next attempt and arrival as Unix
+// nanoseconds, a flags byte, then the pending recipient count. Fixed size keeps start-up to a plain
+// cursor walk with no allocation per entry.
+const (
+	schedLen  = 21
+	schedHeld = 1 << 0
+)
+
+func encodeSched(e SchedEntry) []byte {
+	b := make([]byte, schedLen)
+	binary.BigEndian.PutUint64(b[0:], uint64(e.NextAttempt.UnixNano()))
+	binary.BigEndian.PutUint64(b[8:], uint64(e.Arrival.UnixNano()))
+	if e.Held {
+		b[16] |= schedHeld
+	}
+	binary.BigEndian.PutUint32(b[17:], uint32(e.Pending))
+	return b
+}
+
+func decodeSched(id ID, b []byte) (SchedEntry, error) {
+	if len(b) != schedLen {
+		return SchedEntry{}, fmt.Errorf("schedule entry of %d bytes, want %d", len(b), schedLen)
+	}
+	if b[16]&^schedHeld != 0 {
+		return SchedEntry{}, fmt.Errorf("schedule entry has unknown flags %#x", b[16])
+	}
+	return SchedEntry{
+		ID:          id,
+		NextAttempt: time.Unix(0, int64(binary.BigEndian.Uint64(b[0:]))),
+		Arrival:     time.Unix(0, int64(binary.BigEndian.Uint64(b[8:]))),
+		Held:        b[16]&schedHeld != 0,
+		Pending:     int(binary.BigEndian.Uint32(b[17:])),
+	}, nil
+}
+
+func idKey(id ID) []byte {
+	var k [8]byte
+	binary.BigEndian.PutUint64(k[:], uint64(id))
+	return k[:]
+}
+
+func keyID(k []byte) (ID, bool) {
+	if len(k) != 8 {
+		return 0, false
+	}
+	return ID(binary.BigEndian.Uint64(k)), true
+}

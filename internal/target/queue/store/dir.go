@@ -1,0 +1,802 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// DefaultInlineLimit is the largest content (header and body) kept inside
+// the database. Larger content goes to its own file so the database stays
+// small and a big body is streamed, never held in memory.
+const DefaultInlineLimit = 64 << 10
+
+// maxBatch bounds how many operations one group commit applies.
+const maxBatch = 512
+
+// scanChunk bounds how many entries one read transaction visits in
+// Schedule and Walk. A long read transaction would stop writers from
+// growing the database file, and with it new mail, for its whole duration.
+const scanChunk = 4096
+
+var (
+	bucketMeta       = []byte("meta")
+	bucketSched      = []byte("sched")
+	bucketContent    = []byte("content")
+	bucketQuarantine = []byte("quarantine")
+	bucketInfo       = []byte("info")
+	keyFormat        = []byte("format")
+)
+
+// dbFormat is the version of the database layout. A database written with a
+// newer layout is refused rather than misread or modified.
+const dbFormat = 1
+
+// DirOptions configures OpenDir.
+type DirOptions struct {
+	// ReadOnly opens the store for inspection only (an admin command while
+	// the server is down). No clean-up is done and writes fail.
+	ReadOnly bool
+	// InlineLimit overrides DefaultInlineLimit.
+	InlineLimit int64
+	// FS overrides the operating system's file system for content files.
+	FS FS
+	// OnQuarantine is told about entries moved aside.
+	OnQuarantine QuarantineFunc
+	// Logf receives notices about recovery actions at open.
+	Logf func(format string, args ...interface{})
+	// LockTimeout bounds the wait for another process holding the
+	// database. Default 2s.
+	LockTimeout time.Duration
+}
+
+// Dir is the directory store: a bbolt database plus a directory of large
+// content files. See the package documentation for its durability contract.
+type Dir struct {
+	path        string
+	db          *bolt.DB
+	fs          FS
+	readOnly    bool
+	inlineLimit int64
+	onQuar      QuarantineFunc
+	logf        func(string, ...interface{})
+
+	nextID atomic.Uint64
+
+	mu     sync.RWMutex // guards closed against sends on ops
+	closed bool
+	ops    chan *op
+	done   chan struct{}
+}
+
+type opKind uint8
+
+const (
+	opCreate opKind = iota
+	opUpdate
+	opDelete
+	opQuarantine
+)
+
+type op struct {
+	kind    opKind
+	id      ID
+	meta    []byte
+	sched   []byte
+	content []byte // inline content, opCreate only
+	file    bool   // opCreate: content is in bodies/ and must be made durable
+	reason  string // opQuarantine
+
+	// removeFile is set by the committer for opDelete when the content was
+	// in its own file, to unlink it after the commit.
+	removeFile bool
+	done       chan error
+}
+
+// OpenDir opens (creating if needed) the directory store at path.
+func OpenDir(path string, opts DirOptions) (*Dir, error) {
+	d := &Dir{
+		path:        path,
+		fs:          opts.FS,
+		readOnly:    opts.ReadOnly,
+		inlineLimit: opts.InlineLimit,
+		onQuar:      opts.OnQuarantine,
+		logf:        opts.Logf,
+	}
+	if d.fs == nil {
+		d.fs = OSFS{}
+	}
+	if d.inlineLimit <= 0 {
+		d.inlineLimit = DefaultInlineLimit
+	}
+	if d.logf == nil {
+		d.logf = func(string, ...interface{}) {}
+	}
+	if d.onQuar == nil {
+		d.onQuar = func(ID, error) {}
+	}
+	timeout := opts.LockTimeout
+	if timeout <= 0 {
+		timeout = 2 * time.Second
+	}
+
+	if !d.readOnly {
+		for _, sub := range []string{path, d.bodiesDir(), d.quarantineDir()} {
+			if err := d.fs.MkdirAll(sub); err != nil {
+				return nil, fmt.Errorf("store: %w", err)
+			}
+		}
+	}
+
+	dbPath := filepath.Join(path, "queue.db")
+	db, err := bolt.Open(dbPath, 0o600, &bolt.Options{
+		Timeout:      timeout,
+		ReadOnly:     d.readOnly,
+		FreelistType: bolt.FreelistMapType,
+	})
+	if errors.Is(err, berrors.ErrTimeout) {
+		return nil, fmt.Errorf("store: %s is locked by another process (is another maddy running on this queue?)", dbPath)
+	}
+	if err != nil && !d.readOnly && isDamagedDB(err) {
+		db, err = d.recoverDamagedDB(dbPath, err, timeout)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("store: open %s: %w", dbPath, err)
+	}
+	d.db = db
+
+	if err := d.initBuckets(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if err := d.initNextID(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if !d.readOnly {
+		if err := d.removeOrphans(); err != nil {
+			db.Close()
+			return nil, err
+		}
+		d.ops = make(chan *op, maxBatch)
+		d.done = make(chan struct{})
+		go d.commitLoop()
+	}
+	return d, nil
+}
+
+func isDamagedDB(err error) bool {
+	return errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) ||
+		errors.Is(err, berrors.ErrVersionMismatch)
+}
+
+// recoverDamagedDB moves a database bbolt cannot open aside, together with
+// every content file (they belong to the entries in it), and starts afresh,
+// so the server keeps accepting and delivering new mail. Nothing is deleted:
+// the operator can inspect or restore what was moved.
+func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Duration) (*bolt.DB, error) {
+	stamp := time.Now().UTC().Format("20060102T150405Z")
+	aside := dbPath + ".damaged-" + stamp
+	if err := d.fs.Rename(dbPath, aside); err != nil {
+		return nil, fmt.Errorf("%v; moving it aside failed: %w", openErr, err)
+	}
+	entries, err := d.fs.ReadDir(d.bodiesDir())
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		_ = d.fs.Rename(filepath.Join(d.bodiesDir(), e.Name()),
+			filepath.Join(d.quarantineDir(), e.Name()+".damaged-"+stamp))
+	}
+	d.logf("store: %s could not be opened (%v); moved it to %s and %d content files to %s; starting with an empty queue",
+		dbPath, openErr, aside, len(entries), d.quarantineDir())
+	d.onQuar(0, fmt.Errorf("damaged database moved to %s: %w", aside, openErr))
+	return bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: timeout, FreelistType: bolt.FreelistMapType})
+}
+
+func (d *Dir) initBuckets() error {
+	if d.readOnly {
+		return d.db.View(func(tx *bolt.Tx) error { return checkFormat(tx.Bucket(bucketInfo)) })
+	}
+	return d.db.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		info, err := tx.CreateBucketIfNotExists(bucketInfo)
+		if err != nil {
+			return err
+		}
+		if info.Get(keyFormat) == nil {
+			return info.Put(keyFormat, []byte{dbFormat})
+		}
+		return checkFormat(info)
+	})
+}
+
+func checkFormat(info *bolt.Bucket) error {
+	if info == nil {
+		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+	}
+	v := info.Get(keyFormat)
+	if len(v) != 1 || v[0] != dbFormat {
+		return fmt.Errorf("store: queue database format %v is not %d (written by another Spool version); refusing to touch it", v, dbFormat)
+	}
+	return nil
+}
+
+// initNextID continues after the highest ID ever used by an entry, a
+// quarantined entry, or a content file, so no ID is handed out twice.
+func (d *Dir) initNextID() error {
+	var max ID
+	err := d.db.View(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketMeta, bucketQuarantine} {
+			b := tx.Bucket(name)
+			if b == nil {
+				continue
+			}
+			if k, _ := b.Cursor().Last(); k != nil {
+				if id, ok := keyID(k); ok && id > max {
+					max = id
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	entries, err := d.fs.ReadDir(d.bodiesDir())
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("store: %w", err)
+	}
+	for _, e := range entries {
+		if id, err := ParseID(strings.TrimSuffix(e.Name(), ".tmp")); err == nil && id > max {
+			max = id
+		}
+	}
+	d.nextID.Store(uint64(max))
+	return nil
+}
+
+// removeOrphans deletes content files that no committed entry refers to.
+// Per the durability contract such a file belongs to a Create that crashed
+// before its commit, so its sender never got a success reply.
+func (d *Dir) removeOrphans() error {
+	entries, err := d.fs.ReadDir(d.bodiesDir())
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	return d.db.View(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		for _, e := range entries {
+			name := e.Name()
+			id, perr := ParseID(name)
+			if perr == nil && meta.Get(idKey(id)) != nil {
+				continue
+			}
+			if perr != nil && !strings.HasSuffix(name, ".tmp") {
+				// Not ours: leave foreign files alone, but say so.
+				d.logf("store: ignoring foreign file %s in %s", name, d.bodiesDir())
+				continue
+			}
+			if err := d.fs.Remove(filepath.Join(d.bodiesDir(), name)); err != nil {
+				d.logf("store: removing orphan content file %s: %v", name, err)
+			}
+		}
+		return nil
+	})
+}
+
+func (d *Dir) bodiesDir() string     { return filepath.Join(d.path, "bodies") }
+func (d *Dir) quarantineDir() string { return filepath.Join(d.path, "quarantine") }
+func (d *Dir) bodyPath(id ID) string { return filepath.Join(d.bodiesDir(), id.String()) }
+
+// submit hands an operation to the committer and waits until it is
+// durable (or failed).
+func (d *Dir) submit(ctx context.Context, o *op) error {
+	if d.readOnly {
+		return errors.New("store: opened read-only")
+	}
+	o.done = make(chan error, 1)
+	d.mu.RLock()
+	if d.closed {
+		d.mu.RUnlock()
+		return ErrClosed
+	}
+	select {
+	case d.ops <- o:
+	case <-ctx.Done():
+		d.mu.RUnlock()
+		return ctx.Err()
+	}
+	d.mu.RUnlock()
+	// Once queued, the operation is committed or failed regardless of ctx:
+	// waiting for it keeps the caller's view (success or not) truthful.
+	return <-o.done
+}
+
+func (d *Dir) commitLoop() {
+	defer close(d.done)
+	batch := make([]*op, 0, maxBatch)
+	for first := range d.ops {
+		batch = append(batch[:0], first)
+	drain:
+		for len(batch) < maxBatch {
+			select {
+			case o, ok := <-d.ops:
+				if !ok {
+					break drain
+				}
+				batch = append(batch, o)
+			default:
+				break drain
+			}
+		}
+		d.commit(batch)
+	}
+}
+
+// commit applies a batch in one transaction. Steps 2 and 3 of the
+// durability contract happen here: the bodies directory is fsynced before
+// the transaction that makes new content files reachable.
+func (d *Dir) commit(batch []*op) {
+	errs := make([]error, len(batch))
+	var err error
+	for _, o := range batch {
+		if o.kind == opCreate && o.file {
+			err = d.fs.SyncDir(d.bodiesDir())
+			break
+		}
+	}
+	if err == nil {
+		err = d.db.Update(func(tx *bolt.Tx) error {
+			meta, sched := tx.Bucket(bucketMeta), tx.Bucket(bucketSched)
+			content, quar := tx.Bucket(bucketContent), tx.Bucket(bucketQuarantine)
+			for i, o := range batch {
+				errs[i] = applyOp(o, meta, sched, content, quar)
+				// Only bbolt's own failures abort the transaction; a
+				// per-operation error (e.g. not found) fails just that one.
+				if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
+					return errs[i]
+				}
+			}
+			return nil
+		})
+	}
+	for i, o := range batch {
+		e := errs[i]
+		if err != nil {
+			e = fmt.Errorf("store: commit: %w", err)
+		}
+		if e == nil {
+			d.afterCommit(o)
+		}
+		o.done <- e
+	}
+}
+
+func applyOp(o *op, meta, sched, content, quar *bolt.Bucket) error {
+	k := idKey(o.id)
+	switch o.kind {
+	case opCreate:
+		if meta.Get(k) != nil {
+			return fmt.Errorf("store: ID %v already in use", o.id)
+		}
+		if o.content != nil {
+			if err := content.Put(k, o.content); err != nil {
+				return err
+			}
+		}
+	case opUpdate:
+		if meta.Get(k) == nil {
+			return ErrNotFound
+		}
+	case opDelete:
+		if meta.Get(k) == nil {
+			return ErrNotFound
+		}
+		o.removeFile = content.Get(k) == nil
+		for _, b := range []*bolt.Bucket{meta, sched, content} {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		return nil
+	case opQuarantine:
+		rec := quarantineRecord{Reason: o.reason, Time: time.Now().UTC(), Meta: meta.Get(k), Content: content.Get(k)}
+		o.removeFile = rec.Content == nil
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return err
+		}
+		if err := quar.Put(k, b); err != nil {
+			return err
+		}
+		for _, b := range []*bolt.Bucket{meta, sched, content} {
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err := meta.Put(k, o.meta); err != nil {
+		return err
+	}
+	return sched.Put(k, o.sched)
+}
+
+// quarantineRecord is what is kept of an entry moved aside.
+type quarantineRecord struct {
+	Reason  string    `json:"reason"`
+	Time    time.Time `json:"time"`
+	Meta    []byte    `json:"meta,omitempty"`
+	Content []byte    `json:"content,omitempty"`
+}
+
+func (d *Dir) afterCommit(o *op) {
+	if !o.removeFile {
+		return
+	}
+	src := d.bodyPath(o.id)
+	var err error
+	switch o.kind {
+	case opDelete:
+		err = d.fs.Remove(src)
+	case opQuarantine:
+		err = d.fs.Rename(src, filepath.Join(d.quarantineDir(), o.id.String()))
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		// The entry is gone from the database; the file is now an orphan
+		// that the next OpenDir removes (or, for quarantine, an orphan
+		// content file that is kept in bodies/ until then).
+		d.logf("store: content file of %v: %v", o.id, err)
+	}
+}
+
+// Create implements Store.
+func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) error {
+	if d.readOnly {
+		return errors.New("store: opened read-only")
+	}
+	id := ID(d.nextID.Add(1))
+	m.ID = id
+	m.HeaderLen = int64(len(header))
+
+	o := &op{kind: opCreate, id: id}
+	if int64(len(header))+bodyLen <= d.inlineLimit {
+		buf := bytes.NewBuffer(make([]byte, 0, int64(len(header))+bodyLen))
+		buf.Write(header)
+		n, err := io.Copy(buf, io.LimitReader(body, d.inlineLimit+1))
+		if err != nil {
+			return fmt.Errorf("store: reading body: %w", err)
+		}
+		if int64(len(header))+n <= d.inlineLimit {
+			m.BodyLen = n
+			o.content = buf.Bytes()
+		} else {
+			// The body was longer than announced: spill what was read.
+			if err := d.writeContentFile(id, buf.Bytes(), body, m); err != nil {
+				return err
+			}
+			o.file = true
+		}
+	} else {
+		if err := d.writeContentFile(id, header, body, m); err != nil {
+			return err
+		}
+		o.file = true
+	}
+
+	var err error
+	if o.meta, err = encodeMeta(m); err != nil {
+		d.discardContentFile(o)
+		return err
+	}
+	o.sched = encodeSched(m.Sched())
+	if err := d.submit(ctx, o); err != nil {
+		d.discardContentFile(o)
+		return err
+	}
+	return nil
+}
+
+// discardContentFile removes the content file of a Create that failed. If
+// the removal fails too, the file is an orphan for the next OpenDir.
+func (d *Dir) discardContentFile(o *op) {
+	if o.file {
+		_ = d.fs.Remove(d.bodyPath(o.id))
+	}
+}
+
+// writeContentFile is step 1 of the durability contract: the content file
+// is complete and fsynced before any metadata refers to it. prefix is
+// written first (the header, or bytes already read from body).
+func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message) (err error) {
+	path := d.bodyPath(id)
+	f, err := d.fs.CreateExcl(path)
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			_ = d.fs.Remove(path)
+		}
+	}()
+	if _, err = f.Write(prefix); err != nil {
+		return fmt.Errorf("store: writing content: %w", err)
+	}
+	n, err := io.Copy(f, body)
+	if err != nil {
+		return fmt.Errorf("store: writing content: %w", err)
+	}
+	m.BodyLen = int64(len(prefix)) - m.HeaderLen + n
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("store: fsync content: %w", err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("store: closing content: %w", err)
+	}
+	return nil
+}
+
+// Update implements Store.
+func (d *Dir) Update(ctx context.Context, m *Message) error {
+	b, err := encodeMeta(m)
+	if err != nil {
+		return err
+	}
+	return d.submit(ctx, &op{kind: opUpdate, id: m.ID, meta: b, sched: encodeSched(m.Sched())})
+}
+
+// Delete implements Store.
+func (d *Dir) Delete(ctx context.Context, id ID) error {
+	return d.submit(ctx, &op{kind: opDelete, id: id})
+}
+
+// Quarantine implements Store. It never fails loudly: if even that write
+// fails, the entry stays where it is and is met again on the next read.
+func (d *Dir) Quarantine(id ID, reason error) {
+	if !d.readOnly {
+		err := d.submit(context.Background(), &op{kind: opQuarantine, id: id, reason: reason.Error()})
+		if err != nil {
+			d.logf("store: quarantining %v failed: %v", id, err)
+		}
+	}
+	d.onQuar(id, reason)
+}
+
+// Get implements Store.
+func (d *Dir) Get(id ID) (*Message, error) {
+	var raw []byte
+	err := d.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketMeta).Get(idKey(id))
+		if v == nil {
+			return ErrNotFound
+		}
+		raw = bytes.Clone(v)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	m, err := decodeMeta(id, raw)
+	if err != nil {
+		d.Quarantine(id, err)
+		return nil, fmt.Errorf("%w %v: %v", ErrCorrupt, id, err)
+	}
+	return m, nil
+}
+
+// Content implements Store.
+func (d *Dir) Content(m *Message) (Content, error) {
+	var inline []byte
+	err := d.db.View(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketMeta).Get(idKey(m.ID)) == nil {
+			return ErrNotFound
+		}
+		if v := tx.Bucket(bucketContent).Get(idKey(m.ID)); v != nil {
+			inline = bytes.Clone(v)
+		}
+		return nil
+	})
+	if err != nil {
+		return Content{}, err
+	}
+	if inline != nil {
+		if int64(len(inline)) != m.Size() {
+			return Content{}, d.corrupt(m.ID, fmt.Errorf("content is %d bytes, metadata says %d", len(inline), m.Size()))
+		}
+		return Content{Header: inline[:m.HeaderLen], Body: memBody(inline[m.HeaderLen:])}, nil
+	}
+
+	path := d.bodyPath(m.ID)
+	f, err := d.fs.Open(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return Content{}, d.corrupt(m.ID, errors.New("content file is missing"))
+		}
+		return Content{}, fmt.Errorf("store: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err == nil && fi.Size() != m.Size() {
+		err = d.corrupt(m.ID, fmt.Errorf("content file is %d bytes, metadata says %d", fi.Size(), m.Size()))
+	}
+	header := make([]byte, m.HeaderLen)
+	if err == nil {
+		if _, err = io.ReadFull(f, header); err != nil {
+			err = fmt.Errorf("store: reading content: %w", err)
+		}
+	}
+	if err != nil {
+		return Content{}, err
+	}
+	return Content{Header: header, Body: fileBody{fs: d.fs, path: path, off: m.HeaderLen, n: m.BodyLen}}, nil
+}
+
+type memBody []byte
+
+func (b memBody) Open() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
+func (b memBody) Len() int                     { return len(b) }
+func (b memBody) Remove() error                { return nil }
+
+// fileBody streams the body part of a content file, so a large message is
+// never held in memory.
+type fileBody struct {
+	fs   FS
+	path string
+	off  int64
+	n    int64
+}
+
+func (b fileBody) Open() (io.ReadCloser, error) {
+	f, err := b.fs.Open(b.path)
+	if err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
+	if _, err := io.CopyN(io.Discard, f, b.off); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("store: reading content: %w", err)
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.LimitReader(f, b.n), f}, nil
+}
+
+func (b fileBody) Len() int      { return int(b.n) }
+func (b fileBody) Remove() error { return nil }
+
+func (d *Dir) corrupt(id ID, reason error) error {
+	d.Quarantine(id, reason)
+	return fmt.Errorf("%w %v: %v", ErrCorrupt, id, reason)
+}
+
+// scan visits a bucket in chunks of short read transactions.
+func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
+	var after []byte
+	for {
+		n := 0
+		var bad []ID
+		var badErr []error
+		err := d.db.View(func(tx *bolt.Tx) error {
+			c := tx.Bucket(bucket).Cursor()
+			k, v := c.First()
+			if after != nil {
+				k, v = c.Seek(after)
+				if k != nil && bytes.Equal(k, after) {
+					k, v = c.Next()
+				}
+			}
+			for ; k != nil && n < scanChunk; k, v = c.Next() {
+				n++
+				after = bytes.Clone(k)
+				id, ok := keyID(k)
+				if !ok {
+					continue // not written by us; left for the operator
+				}
+				if err := fn(id, v); err != nil {
+					if errors.Is(err, ErrCorrupt) {
+						bad, badErr = append(bad, id), append(badErr, err)
+						continue
+					}
+					return err
+				}
+			}
+			return nil
+		})
+		// Quarantine outside the read transaction: it needs a write.
+		for i := range bad {
+			d.Quarantine(bad[i], badErr[i])
+		}
+		if err != nil || n < scanChunk {
+			return err
+		}
+	}
+}
+
+// Schedule implements Store.
+func (d *Dir) Schedule(fn func(SchedEntry) error) error {
+	return d.scan(bucketSched, func(id ID, v []byte) error {
+		e, err := decodeSched(id, v)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrCorrupt, err)
+		}
+		return fn(e)
+	})
+}
+
+// Walk implements Store.
+func (d *Dir) Walk(fn func(*Message) error) error {
+	return d.scan(bucketMeta, func(id ID, v []byte) error {
+		m, err := decodeMeta(id, v)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrCorrupt, err)
+		}
+		return fn(m)
+	})
+}
+
+// Oldest implements Store. IDs grow with arrival, so the first schedule
+// entry is the oldest message.
+func (d *Dir) Oldest() (time.Time, bool, error) {
+	var t time.Time
+	var ok bool
+	err := d.db.View(func(tx *bolt.Tx) error {
+		k, v := tx.Bucket(bucketSched).Cursor().First()
+		if k == nil {
+			return nil
+		}
+		id, _ := keyID(k)
+		e, err := decodeSched(id, v)
+		if err != nil {
+			return nil // reported when Schedule or Get meets it
+		}
+		t, ok = e.Arrival, true
+		return nil
+	})
+	return t, ok, err
+}
+
+// Quarantined returns the number of entries in quarantine.
+func (d *Dir) Quarantined() (int, error) {
+	n := 0
+	err := d.db.View(func(tx *bolt.Tx) error {
+		n = tx.Bucket(bucketQuarantine).Stats().KeyN
+		return nil
+	})
+	return n, err
+}
+
+// Close implements Store. It waits for operations already submitted.
+func (d *Dir) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	if d.ops != nil {
+		close(d.ops)
+	}
+	d.mu.Unlock()
+	if d.done != nil {
+		<-d.done
+	}
+	return d.db.Close()
+}

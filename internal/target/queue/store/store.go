@@ -1,0 +1,316 @@
+// Package store keeps queued messages on disk for target.spool.
+//
+// A queued message is three things: its metadata (envelope, per-recipient
+// state, attempt history; see Message), its content (the header block
+// followed by the body), and a small schedule entry (next attempt time,
+// arrival time, held flag) that start-up reads instead of the metadata.
+//
+// # Layout of the directory store (Dir)
+//
+//	LOCATION/queue.db        bbolt database: buckets meta, sched, content,
+//	                         quarantine, info
+//	LOCATION/bodies/ID       content of messages larger than InlineLimit
+//	LOCATION/quarantine/     content files of quarantined entries
+//
+// Small messages (the common case) live entirely in queue.db, so that one
+// bbolt commit makes a whole batch of them durable: concurrent Create,
+// Update and Delete calls are collected by a single committer goroutine and
+// applied in one transaction (group commit). Each call still returns only
+// after the transaction holding its own change has been fsynced.
+//
+// # Durability contract
+//
+// When Create returns nil, the message survives kill -9 and power loss:
+//
+//  1. a large message's content file is written and fsynced, then
+//  2. the bodies/ directory is fsynced (once per batch), so the file's name
+//     is durable, then
+//  3. the bbolt transaction inserting meta, sched and (for a small message)
+//     content is committed; bbolt fsyncs its data pages before the meta page
+//     that makes them visible, so a crash during the commit leaves the
+//     previous state.
+//
+// A crash before step 3 leaves at most an orphan content file with no
+// metadata. Open removes such orphans (and *.tmp leftovers): the client never
+// got a success reply for them. A crash after step 3 leaves the complete
+// message. There is no state in which metadata refers to missing content,
+// except through outside damage, which Get reports as ErrCorrupt and the
+// entry is quarantined.
+//
+// Update replaces meta and sched of one message in one transaction: after a
+// crash either the old or the new state is seen, never a mix. Delete removes
+// the entry in one transaction and then unlinks its content file; a crash in
+// between leaves an orphan file that the next Open removes.
+//
+// Entries that cannot be decoded (damaged bytes, a newer entry format) are
+// never deleted: they are moved to the quarantine bucket together with the
+// reason, their content file is moved to quarantine/, the error is logged by
+// the caller and counted, and the rest of the queue carries on.
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+)
+
+// ID identifies a queued message within one store. IDs are allocated in
+// increasing order and never reused while the store exists, so two messages
+// can never share a file name even when maddy's own 4-byte message IDs
+// collide.
+type ID uint64
+
+// String returns the 16-digit hexadecimal form used in file names, logs and
+// admin commands.
+func (id ID) String() string {
+	var buf [16]byte
+	const digits = "0123456789abcdef"
+	for i := 15; i >= 0; i-- {
+		buf[i] = digits[id&0xf]
+		id >>= 4
+	}
+	return string(buf[:])
+}
+
+// ParseID parses the hexadecimal form of an ID. It accepts 1 to 16 hex
+// digits and nothing else, so a parsed ID can never smuggle a path
+// separator or ".." into a file name.
+func ParseID(s string) (ID, error) {
+	if len(s) == 0 || len(s) > 16 {
+		return 0, fmt.Errorf("invalid message ID %q: want 1 to 16 hexadecimal digits", s)
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return 0, fmt.Errorf("invalid message ID %q: want 1 to 16 hexadecimal digits", s)
+		}
+	}
+	v, err := strconv.ParseUint(s, 16, 64)
+	if err != nil || v == 0 {
+		return 0, fmt.Errorf("invalid message ID %q", s)
+	}
+	return ID(v), nil
+}
+
+// RcptState is where one recipient of a message stands.
+type RcptState uint8
+
+const (
+	// RcptPending recipients are attempted on the next attempt.
+	RcptPending RcptState = iota
+	// RcptDelivered recipients were accepted by the target; never re-sent.
+	RcptDelivered
+	// RcptFailed recipients failed permanently (or ran out of tries/age).
+	RcptFailed
+)
+
+func (s RcptState) String() string {
+	switch s {
+	case RcptPending:
+		return "pending"
+	case RcptDelivered:
+		return "delivered"
+	case RcptFailed:
+		return "failed"
+	}
+	return "unknown(" + strconv.Itoa(int(s)) + ")"
+}
+
+// SMTPStatus is the last error a recipient saw, in the form a DSN and an
+// operator need. Temporary is stored explicitly because errors without an
+// SMTP code are still classified by exterrors.
+type SMTPStatus struct {
+	Code      int    `json:"code,omitempty"`
+	Enhanced  [3]int `json:"enhanced,omitempty"`
+	Message   string `json:"message,omitempty"`
+	Temporary bool   `json:"temporary,omitempty"`
+	// RemoteMTA is the host that produced the reply, when known.
+	RemoteMTA string `json:"remote_mta,omitempty"`
+}
+
+// Rcpt is one recipient of a queued message with its DSN options (RFC 3461)
+// and delivery state.
+type Rcpt struct {
+	Addr string `json:"addr"`
+	// Notify holds the NOTIFY= keywords as given (NEVER, SUCCESS, FAILURE,
+	// DELAY); empty means the sender did not use NOTIFY.
+	Notify []string `json:"notify,omitempty"`
+	// OrigType and Orig are the ORCPT= parameter.
+	OrigType string `json:"orcpt_type,omitempty"`
+	Orig     string `json:"orcpt,omitempty"`
+	// Original is maddy's pre-rewrite address (MsgMetadata.OriginalRcpts).
+	Original string `json:"original,omitempty"`
+
+	State       RcptState   `json:"state"`
+	Tries       int         `json:"tries,omitempty"`
+	LastAttempt time.Time   `json:"last_attempt,omitzero"`
+	LastError   *SMTPStatus `json:"last_error,omitempty"`
+	// Reported is a bit set of DSN kinds already sent for this recipient
+	// (see the queue package), so a restart never sends one twice.
+	Reported uint8 `json:"reported,omitempty"`
+}
+
+// MailOptions are the MAIL FROM parameters kept with the message and passed
+// to the nested target on every attempt.
+type MailOptions struct {
+	Body       string  `json:"body,omitempty"`
+	Size       int64   `json:"size,omitempty"`
+	RequireTLS bool    `json:"requiretls,omitempty"`
+	UTF8       bool    `json:"smtputf8,omitempty"`
+	Return     string  `json:"ret,omitempty"`
+	EnvelopeID string  `json:"envid,omitempty"`
+	Auth       *string `json:"auth,omitempty"`
+}
+
+// ConnInfo is what is kept of the connection a message arrived on: enough
+// for Received-From-MTA in a DSN and for the admin view.
+type ConnInfo struct {
+	Proto      string `json:"proto,omitempty"`
+	Hostname   string `json:"helo,omitempty"`
+	RemoteAddr string `json:"remote_addr,omitempty"`
+	AuthUser   string `json:"auth_user,omitempty"`
+}
+
+// AttemptRecord is one entry of a message's attempt history.
+type AttemptRecord struct {
+	Time     time.Time     `json:"time"`
+	Duration time.Duration `json:"duration"`
+	// Delivered, Temporary and Permanent count recipients by outcome.
+	Delivered int `json:"delivered,omitempty"`
+	Temporary int `json:"temporary,omitempty"`
+	Permanent int `json:"permanent,omitempty"`
+	// Error is one representative error text, if any recipient failed.
+	Error string `json:"error,omitempty"`
+}
+
+// MaxHistory bounds the attempt history kept per message.
+const MaxHistory = 10
+
+// Message is the metadata of one queued message.
+type Message struct {
+	ID ID `json:"-"`
+	// MsgID is maddy's message ID, kept for log correlation only.
+	MsgID string `json:"msg_id"`
+	From  string `json:"from"`
+	// OriginalFrom is maddy's pre-rewrite sender.
+	OriginalFrom       string      `json:"original_from,omitempty"`
+	MailOpts           MailOptions `json:"mail_opts"`
+	Conn               ConnInfo    `json:"conn"`
+	DontTraceSender    bool        `json:"dont_trace_sender,omitempty"`
+	Quarantine         bool        `json:"quarantine,omitempty"`
+	TLSRequireOverride bool        `json:"tls_require_override,omitempty"`
+
+	Arrival   time.Time `json:"arrival"`
+	HeaderLen int64     `json:"header_len"`
+	BodyLen   int64     `json:"body_len"`
+
+	Rcpts        []Rcpt          `json:"rcpts"`
+	Attempts     int             `json:"attempts,omitempty"`
+	FirstAttempt time.Time       `json:"first_attempt,omitzero"`
+	LastAttempt  time.Time       `json:"last_attempt,omitzero"`
+	NextAttempt  time.Time       `json:"next_attempt"`
+	Held         bool            `json:"held,omitempty"`
+	History      []AttemptRecord `json:"history,omitempty"`
+}
+
+// Size is the size of the stored content (header and body).
+func (m *Message) Size() int64 { return m.HeaderLen + m.BodyLen }
+
+// AddHistory appends an attempt record, keeping at most MaxHistory.
+func (m *Message) AddHistory(r AttemptRecord) {
+	m.History = append(m.History, r)
+	if len(m.History) > MaxHistory {
+		m.History = append(m.History[:0:0], m.History[len(m.History)-MaxHistory:]...)
+	}
+}
+
+// Pending returns the indexes of recipients still pending.
+func (m *Message) Pending() []int {
+	var idx []int
+	for i := range m.Rcpts {
+		if m.Rcpts[i].State == RcptPending {
+			idx = append(idx, i)
+		}
+	}
+	return idx
+}
+
+// SchedEntry is the part of a message that scheduling needs; start-up reads
+// only these.
+type SchedEntry struct {
+	ID          ID
+	NextAttempt time.Time
+	Arrival     time.Time
+	Held        bool
+	// Pending is the number of recipients still pending.
+	Pending int
+}
+
+// Sched returns the schedule entry of m.
+func (m *Message) Sched() SchedEntry {
+	return SchedEntry{ID: m.ID, NextAttempt: m.NextAttempt, Arrival: m.Arrival, Held: m.Held, Pending: len(m.Pending())}
+}
+
+// Content is a message's stored header block and body.
+type Content struct {
+	Header []byte
+	// Body gives the body; it can be opened more than once (a target may
+	// read it once per next hop).
+	Body Body
+}
+
+// Body is stored message body. It has the methods of maddy's
+// buffer.Buffer, so it can be handed to a delivery target as it is.
+type Body interface {
+	Open() (io.ReadCloser, error)
+	Len() int
+	// Remove does nothing: the store owns the content.
+	Remove() error
+}
+
+var (
+	// ErrNotFound is returned for an ID that is not (or no longer) queued.
+	ErrNotFound = errors.New("store: no such message")
+	// ErrCorrupt wraps errors about damaged entries; the entry has been
+	// quarantined by the time the error is returned.
+	ErrCorrupt = errors.New("store: corrupt entry")
+	// ErrClosed is returned after Close.
+	ErrClosed = errors.New("store: closed")
+)
+
+// QuarantineFunc is told about every entry moved aside, with the reason.
+type QuarantineFunc func(id ID, reason error)
+
+// Store is the storage a queue runs on. Implementations must be safe for
+// concurrent use. Every method that changes state returns only once the
+// change is durable (see the package doc for the directory store's
+// contract).
+type Store interface {
+	// Create stores a new message: m's metadata, the header block and
+	// bodyLen bytes read from body. It assigns m.ID.
+	Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) error
+	// Update durably replaces the metadata of an existing message.
+	Update(ctx context.Context, m *Message) error
+	// Delete removes a message and its content.
+	Delete(ctx context.Context, id ID) error
+	// Get reads the metadata of one message.
+	Get(id ID) (*Message, error)
+	// Content opens the stored content of a message.
+	Content(m *Message) (Content, error)
+	// Schedule calls fn for every queued message's schedule entry, in ID
+	// order, without reading metadata or content.
+	Schedule(fn func(SchedEntry) error) error
+	// Quarantine moves an entry aside with the reason (for damage found by
+	// the caller, e.g. an unparsable header).
+	Quarantine(id ID, reason error)
+	// Walk calls fn for every message's metadata, in ID order, without
+	// reading content. Corrupt entries are quarantined and skipped.
+	Walk(fn func(*Message) error) error
+	// Oldest returns the arrival time of the oldest queued message.
+	Oldest() (time.Time, bool, error)
+	// Close releases the store; pending writes are finished first.
+	Close() error
+}
