@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/foxcpp/maddy/framework/config"
@@ -50,7 +51,7 @@ func (q *Queue) configure(cfg *config.Map) error {
 			}
 			var out []time.Duration
 			for _, a := range n.Args {
-				d, err := time.ParseDuration(a)
+				d, err := parseDuration(a)
 				if err != nil || d <= 0 {
 					return nil, config.NodeErr(n, "retry_schedule: %q is not a positive duration", a)
 				}
@@ -159,15 +160,13 @@ func newBouncePipeline(globals map[string]interface{}, node config.Node, instNam
 	if err != nil {
 		return nil, config.NodeErr(node, "%s: bounce: %v", ModName, err)
 	}
-	// The pipeline wants a hostname; give it ours when the block and the
-	// globals lack one.
+	// The pipeline inherits our hostname (the block's own, or the global
+	// one), unless the bounce block sets its own.
 	g := make(map[string]interface{}, len(globals)+1)
 	for k, v := range globals {
 		g[k] = v
 	}
-	if _, ok := g["hostname"]; !ok {
-		g["hostname"] = hostname
-	}
+	g["hostname"] = hostname
 	if err := mod.Init(config.NewMap(g, node)); err != nil {
 		return nil, err
 	}
@@ -185,7 +184,7 @@ func newBouncePipeline(globals map[string]interface{}, node config.Node, instNam
 func successActionFor(t module.DeliveryTarget) string {
 	if m, ok := t.(module.Module); ok {
 		switch m.Name() {
-		case "imapsql", "target.lmtp", "storage.imapsql":
+		case "imapsql", "target.lmtp":
 			return "delivered"
 		}
 	}
@@ -220,18 +219,24 @@ func durationDirective(cfg *config.Map, name string, def time.Duration, zeroOK b
 		}, store)
 }
 
-// parseDuration is time.ParseDuration plus a "d" (day) unit, since queue
-// lifetimes are naturally said in days.
+// parseDuration is time.ParseDuration plus a leading day count ("5d",
+// "1d12h"), since queue lifetimes are naturally said in days.
 func parseDuration(s string) (time.Duration, error) {
-	if n := len(s); n > 1 && s[n-1] == 'd' {
-		days, err := strconv.ParseFloat(s[:n-1], 64)
-		if err != nil {
-			return 0, err
-		}
-		if days > 3650 {
-			return 0, fmt.Errorf("%s is too long", s)
-		}
-		return time.Duration(days * float64(24*time.Hour)), nil
+	days, rest, found := strings.Cut(s, "d")
+	if !found {
+		return time.ParseDuration(s)
 	}
-	return time.ParseDuration(s)
+	n, err := strconv.ParseUint(days, 10, 16)
+	if err != nil || n > 3650 {
+		return 0, fmt.Errorf("invalid day count in %q", s)
+	}
+	d := time.Duration(n) * 24 * time.Hour
+	if rest != "" {
+		r, err := time.ParseDuration(rest)
+		if err != nil || r < 0 {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		d += r
+	}
+	return d, nil
 }

@@ -74,9 +74,7 @@ func (q *Queue) handleLoadError(id store.ID, err error) {
 		// Deleted meanwhile (e.g. by an operator): nothing to do.
 		q.sched.Finish(id, false, time.Time{})
 	case errors.Is(err, store.ErrCorrupt):
-		// Quarantined by the store (counted and logged there); it leaves
-		// the queue's figures.
-		q.messages.Add(-1)
+		// Quarantined by the store; onQuarantine counted and logged it.
 		q.sched.Finish(id, false, time.Time{})
 	default:
 		q.Log.Error("cannot read queued message, will retry", err, "queue_id", id.String())
@@ -89,16 +87,12 @@ func (q *Queue) handleLoadError(id store.ID, err error) {
 func (q *Queue) deliver(m *store.Message) error {
 	content, err := q.store.Content(m)
 	if err != nil {
-		if errors.Is(err, store.ErrCorrupt) {
-			q.recipients.Add(-int64(len(m.Pending())))
-		}
 		return err
 	}
 	header, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(content.Header)))
 	if err != nil {
 		reason := fmt.Errorf("stored header cannot be parsed: %w", err)
 		q.store.Quarantine(m.ID, reason)
-		q.recipients.Add(-int64(len(m.Pending())))
 		return fmt.Errorf("%w: %v", store.ErrCorrupt, reason)
 	}
 
@@ -117,7 +111,7 @@ func (q *Queue) deliver(m *store.Message) error {
 		Body:   content.Body,
 	})
 	took := time.Since(started)
-	metrics.AttemptDuration.WithLabelValues(q.name).Observe(took.Seconds())
+	metrics.AttemptDuration.WithLabelValues(q.label()).Observe(took.Seconds())
 
 	rec := store.AttemptRecord{Time: now, Duration: took}
 	maxTries := 0
@@ -131,7 +125,7 @@ func (q *Queue) deliver(m *store.Message) error {
 		if errs[i] == nil {
 			r.State, r.LastError = store.RcptDelivered, nil
 			rec.Delivered++
-			metrics.Attempts.WithLabelValues(q.name, metrics.ResultDelivered).Inc()
+			metrics.Attempts.WithLabelValues(q.label(), metrics.ResultDelivered).Inc()
 			continue
 		}
 		st := attempt.Status(errs[i])
@@ -141,11 +135,11 @@ func (q *Queue) deliver(m *store.Message) error {
 		}
 		if st.Temporary {
 			rec.Temporary++
-			metrics.Attempts.WithLabelValues(q.name, metrics.ResultTemporary).Inc()
+			metrics.Attempts.WithLabelValues(q.label(), metrics.ResultTemporary).Inc()
 		} else {
 			r.State = store.RcptFailed
 			rec.Permanent++
-			metrics.Attempts.WithLabelValues(q.name, metrics.ResultPermanent).Inc()
+			metrics.Attempts.WithLabelValues(q.label(), metrics.ResultPermanent).Inc()
 		}
 		q.Log.Msg("delivery attempt failed", "queue_id", m.ID.String(), "msg_id", m.MsgID, "rcpt", r.Addr,
 			"temporary", st.Temporary, "smtp_code", st.Code, "reason", st.Message, "tries", r.Tries)
@@ -166,10 +160,30 @@ func (q *Queue) deliver(m *store.Message) error {
 				m.Rcpts[idx].State = store.RcptFailed
 			}
 		} else {
-			m.NextAttempt = retry.At
+			m.NextAttempt = q.delayWarningAttempt(m, now, retry.At)
 		}
 	}
 	return nil
+}
+
+// delayWarningAttempt moves the next attempt earlier to the delay_warning
+// mark when a delay report would fall due before it: reports are sent
+// after attempts, and a report hours late is little use.
+func (q *Queue) delayWarningAttempt(m *store.Message, now, next time.Time) time.Time {
+	if q.cfg.delayWarning <= 0 {
+		return next
+	}
+	mark := m.Arrival.Add(q.cfg.delayWarning)
+	if !mark.After(now) || !mark.Before(next) {
+		return next
+	}
+	for _, idx := range m.Pending() {
+		r := &m.Rcpts[idx]
+		if r.Reported&reportedDelay == 0 && wantsReport(r, reportedDelay) {
+			return mark
+		}
+	}
+	return next
 }
 
 // nestedMeta rebuilds maddy's message metadata for the nested target. The

@@ -91,7 +91,7 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 		return d.storeErr(err)
 	}
 	d.msg = m
-	metrics.Enqueued.WithLabelValues(q.name).Inc()
+	metrics.Enqueued.WithLabelValues(q.label()).Inc()
 	return nil
 }
 
@@ -99,7 +99,7 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 // client keeps the message and tries again later (451 4.3.1, "insufficient
 // system storage" in RFC 3463 terms covers full disks and I/O errors).
 func (d *delivery) storeErr(err error) error {
-	metrics.EnqueueFailures.WithLabelValues(d.q.name).Inc()
+	metrics.EnqueueFailures.WithLabelValues(d.q.label()).Inc()
 	d.q.Log.Error("cannot queue message", err, "msg_id", d.meta.ID)
 	return &exterrors.SMTPError{
 		Code:         451,

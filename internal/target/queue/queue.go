@@ -68,6 +68,10 @@ type Queue struct {
 	loadDone       chan struct{}
 	unregister     func()
 	closeOnce      sync.Once
+
+	// onAttemptDone, if set, is called after each attempt has saved its
+	// outcome; tests use it to wait without sleeping.
+	onAttemptDone func(store.ID)
 }
 
 // New creates an unconfigured target.spool instance; maddy calls Init next.
@@ -126,7 +130,7 @@ func (q *Queue) start(st store.Store) error {
 	q.attemptCtx, q.cancelAttempts = context.WithCancel(context.Background())
 	q.runDone = make(chan struct{})
 	q.loadDone = make(chan struct{})
-	q.unregister = metrics.Register(q.name, q)
+	q.unregister = metrics.Register(q.label(), q)
 
 	go func() {
 		defer close(q.loadDone)
@@ -134,7 +138,12 @@ func (q *Queue) start(st store.Store) error {
 	}()
 	go func() {
 		defer close(q.runDone)
-		q.sched.Run(dispatchCtx, q.cfg.maxParallelism, q.attempt)
+		q.sched.Run(dispatchCtx, q.cfg.maxParallelism, func(id store.ID) {
+			q.attempt(id)
+			if q.onAttemptDone != nil {
+				q.onAttemptDone(id)
+			}
+		})
 	}()
 	return nil
 }
@@ -199,7 +208,25 @@ func (q *Queue) Gauges() metrics.Gauges {
 	return g
 }
 
-func (q *Queue) onQuarantine(id store.ID, reason error) {
-	metrics.Quarantined.WithLabelValues(q.name).Inc()
+// onQuarantine counts and logs an entry the store moved aside; the one
+// place where a quarantined message leaves the queue's gauges.
+func (q *Queue) onQuarantine(id store.ID, sched *store.SchedEntry, reason error) {
+	metrics.Quarantined.WithLabelValues(q.label()).Inc()
 	q.Log.Error("queue entry moved to quarantine", reason, "queue_id", id.String())
+	if sched != nil {
+		q.messages.Add(-1)
+		q.recipients.Add(-int64(sched.Pending))
+		if sched.Held {
+			q.held.Add(-1)
+		}
+	}
+}
+
+// label is the instance's "module" label in metrics. Inline definitions
+// have no instance name, so their location tells them apart.
+func (q *Queue) label() string {
+	if q.name != "" {
+		return q.name
+	}
+	return "inline:" + q.location
 }

@@ -88,12 +88,12 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 	switch {
 	case m.From == "":
 		// RFC 3464 section 2: never report on a report (null sender).
-		metrics.DSNsNotSent.WithLabelValues(q.name, "null_sender").Inc()
+		metrics.DSNsNotSent.WithLabelValues(q.label(), "null_sender").Inc()
 		q.Log.Msg("not reporting on a message with a null sender", "queue_id", m.ID.String(), "msg_id", m.MsgID)
 		markAll()
 		return false
 	case q.bounce == nil:
-		metrics.DSNsNotSent.WithLabelValues(q.name, "no_bounce_pipeline").Inc()
+		metrics.DSNsNotSent.WithLabelValues(q.label(), "no_bounce_pipeline").Inc()
 		markAll()
 		return false
 	}
@@ -103,7 +103,7 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 		markAll()
 		return false
 	}
-	metrics.DSNsNotSent.WithLabelValues(q.name, "error").Inc()
+	metrics.DSNsNotSent.WithLabelValues(q.label(), "error").Inc()
 	q.Log.Error("cannot hand DSN to the bounce pipeline", err, "queue_id", m.ID.String(), "msg_id", m.MsgID)
 	failureOwed := false
 	for _, kind := range owed {
@@ -134,7 +134,7 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 		ArrivalDate:      m.Arrival,
 		FromDisplayName:  q.cfg.dsnDisplayName,
 		FromAddress:      "MAILER-DAEMON@" + q.cfg.autogenDomain,
-		To:               m.From,
+		To:               reportTo(m),
 		Date:             now,
 		SMTPUTF8:         m.MailOpts.UTF8,
 		OriginalHeader:   origHeader,
@@ -177,7 +177,9 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 	if err != nil {
 		return err
 	}
-	meta := &module.MsgMetadata{ID: id, SMTPOpts: smtp.MailOptions{UTF8: req.SMTPUTF8}}
+	// A report on a REQUIRETLS message may quote it, so it travels under
+	// the same requirement (RFC 8689 section 5).
+	meta := &module.MsgMetadata{ID: id, SMTPOpts: smtp.MailOptions{UTF8: req.SMTPUTF8, RequireTLS: m.MailOpts.RequireTLS}}
 	if req.EightBitMIME {
 		meta.SMTPOpts.Body = smtp.Body8BitMIME
 	}
@@ -185,7 +187,7 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 	if err != nil {
 		return err
 	}
-	err = d.AddRcpt(ctx, m.From, smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifyNever}})
+	err = d.AddRcpt(ctx, reportTo(m), smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifyNever}})
 	if err == nil {
 		err = d.Body(ctx, hdr, buf)
 	}
@@ -197,10 +199,19 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 		return err
 	}
 	for _, r := range rep.Recipients {
-		metrics.DSNs.WithLabelValues(q.name, string(r.Action)).Inc()
+		metrics.DSNs.WithLabelValues(q.label(), string(r.Action)).Inc()
 	}
 	q.Log.Msg("DSN sent", "queue_id", m.ID.String(), "msg_id", m.MsgID, "dsn_id", id, "recipients", len(rep.Recipients))
 	return nil
+}
+
+// reportTo is where a report goes: the sender as the client gave it, before
+// any rewriting by the pipeline.
+func reportTo(m *store.Message) string {
+	if m.OriginalFrom != "" {
+		return m.OriginalFrom
+	}
+	return m.From
 }
 
 func (q *Queue) reportRecipient(m *store.Message, r *store.Rcpt, kind uint8) dsn.Recipient {

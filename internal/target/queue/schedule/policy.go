@@ -27,9 +27,11 @@ type Policy struct {
 }
 
 // DefaultDelays follows RFC 5321 section 4.5.4.1 (a first retry after a few
-// minutes, later ones at least 30 minutes apart) and Postfix's habit of a
-// 5-minute first back-off growing to a cap of hours.
-var DefaultDelays = []time.Duration{5 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour}
+// minutes, later ones at least 30 minutes apart, give up after 4-5 days)
+// and Postfix's 5-minute first back-off. The cap of 8 hours makes the
+// default 20 tries span the default 5 days: 5m+30m+1h+2h+4h+14×8h ≈ 4.98 d
+// until the 20th try, so neither limit cuts the other short.
+var DefaultDelays = []time.Duration{5 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour, 8 * time.Hour}
 
 // Default limits, as maddy's target.queue (20 tries) and RFC 5321's advice
 // to give up after 4-5 days.
@@ -45,7 +47,7 @@ func DefaultPolicy() Policy {
 }
 
 // Exponential returns the delays initial, initial*factor, ... up to and
-// including max.
+// including max; with factor 1 the delay is always initial.
 func Exponential(initial time.Duration, factor float64, max time.Duration) ([]time.Duration, error) {
 	if initial <= 0 || max < initial {
 		return nil, fmt.Errorf("need 0 < initial (%v) <= max (%v)", initial, max)

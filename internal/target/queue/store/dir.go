@@ -102,7 +102,10 @@ type op struct {
 	// removeFile is set by the committer for opDelete when the content was
 	// in its own file, to unlink it after the commit.
 	removeFile bool
-	done       chan error
+	// quarSched is set by the committer for opQuarantine: the entry's
+	// schedule entry, if it was readable.
+	quarSched *SchedEntry
+	done      chan error
 }
 
 // OpenDir opens (creating if needed) the directory store at path.
@@ -125,7 +128,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		d.logf = func(string, ...interface{}) {}
 	}
 	if d.onQuar == nil {
-		d.onQuar = func(ID, error) {}
+		d.onQuar = func(ID, *SchedEntry, error) {}
 	}
 	timeout := opts.LockTimeout
 	if timeout <= 0 {
@@ -202,7 +205,7 @@ func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Durati
 	}
 	d.logf("store: %s could not be opened (%v); moved it to %s and %d content files to %s; starting with an empty queue",
 		dbPath, openErr, aside, len(entries), d.quarantineDir())
-	d.onQuar(0, fmt.Errorf("damaged database moved to %s: %w", aside, openErr))
+	d.onQuar(0, nil, fmt.Errorf("damaged database moved to %s: %w", aside, openErr))
 	return bolt.Open(dbPath, 0o600, &bolt.Options{Timeout: timeout, FreelistType: bolt.FreelistMapType})
 }
 
@@ -417,6 +420,12 @@ func applyOp(o *op, meta, sched, content, quar *bolt.Bucket) error {
 		}
 		return nil
 	case opQuarantine:
+		if meta.Get(k) == nil && sched.Get(k) == nil {
+			return ErrNotFound // already moved aside or deleted
+		}
+		if e, err := decodeSched(o.id, sched.Get(k)); err == nil {
+			o.quarSched = &e
+		}
 		rec := quarantineRecord{Reason: o.reason, Time: time.Now().UTC(), Meta: meta.Get(k), Content: content.Get(k)}
 		o.removeFile = rec.Content == nil
 		b, err := json.Marshal(rec)
@@ -571,13 +580,19 @@ func (d *Dir) Delete(ctx context.Context, id ID) error {
 // Quarantine implements Store. It never fails loudly: if even that write
 // fails, the entry stays where it is and is met again on the next read.
 func (d *Dir) Quarantine(id ID, reason error) {
-	if !d.readOnly {
-		err := d.submit(context.Background(), &op{kind: opQuarantine, id: id, reason: reason.Error()})
-		if err != nil {
-			d.logf("store: quarantining %v failed: %v", id, err)
-		}
+	if d.readOnly {
+		d.onQuar(id, nil, reason)
+		return
 	}
-	d.onQuar(id, reason)
+	o := &op{kind: opQuarantine, id: id, reason: reason.Error()}
+	switch err := d.submit(context.Background(), o); {
+	case errors.Is(err, ErrNotFound):
+		return // someone else moved or deleted it first
+	case err != nil:
+		d.logf("store: quarantining %v failed: %v", id, err)
+		return
+	}
+	d.onQuar(id, o.quarSched, reason)
 }
 
 // Get implements Store.

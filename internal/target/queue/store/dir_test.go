@@ -336,7 +336,7 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 			corruptKey(t, dir, tc.bucket, bad.ID, tc.value)
 
 			var quarantined []ID
-			s2 := openTest(t, dir, DirOptions{OnQuarantine: func(id ID, reason error) {
+			s2 := openTest(t, dir, DirOptions{OnQuarantine: func(id ID, _ *SchedEntry, reason error) {
 				t.Logf("quarantined %v: %v", id, reason)
 				quarantined = append(quarantined, id)
 			}})
@@ -387,7 +387,7 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 func TestMissingContentFileIsQuarantined(t *testing.T) {
 	dir := t.TempDir()
 	var quarantined []ID
-	s := openTest(t, dir, DirOptions{InlineLimit: 1, OnQuarantine: func(id ID, _ error) { quarantined = append(quarantined, id) }})
+	s := openTest(t, dir, DirOptions{InlineLimit: 1, OnQuarantine: func(id ID, _ *SchedEntry, _ error) { quarantined = append(quarantined, id) }})
 	m := newMsg("a@example.com")
 	if err := s.Create(context.Background(), m, []byte("H: v\r\n\r\n"), strings.NewReader("body"), 4); err != nil {
 		t.Fatal(err)
@@ -421,7 +421,7 @@ func TestDamagedDatabaseMovedAside(t *testing.T) {
 		t.Fatal(err)
 	}
 	var reasons []error
-	s2 := openTest(t, dir, DirOptions{OnQuarantine: func(_ ID, r error) { reasons = append(reasons, r) }})
+	s2 := openTest(t, dir, DirOptions{OnQuarantine: func(_ ID, _ *SchedEntry, r error) { reasons = append(reasons, r) }})
 	if len(reasons) != 1 {
 		t.Fatalf("damage not reported: %v", reasons)
 	}

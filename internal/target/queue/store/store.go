@@ -282,7 +282,10 @@ var (
 )
 
 // QuarantineFunc is told about every entry moved aside, with the reason.
-type QuarantineFunc func(id ID, reason error)
+// sched is the entry's schedule entry when it had a readable one (so the
+// caller knows the message was counted as queued), else nil. id is 0 for a
+// whole damaged database.
+type QuarantineFunc func(id ID, sched *SchedEntry, reason error)
 
 // Store is the storage a queue runs on. Implementations must be safe for
 // concurrent use. Every method that changes state returns only once the

@@ -1,0 +1,213 @@
+package queue
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-message/textproto"
+	"github.com/emersion/go-smtp"
+	"github.com/foxcpp/maddy/framework/buffer"
+	"github.com/foxcpp/maddy/framework/log"
+	"github.com/foxcpp/maddy/framework/module"
+
+	"github.com/maddy-spool/spool/internal/target/queue/schedule"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/testutils"
+)
+
+var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
+
+// harness runs a Queue on a temporary directory with fake targets and a
+// fake clock. Attempts are awaited through the onAttemptDone seam.
+type harness struct {
+	t      *testing.T
+	dir    string
+	clock  *schedule.FakeClock
+	target *testutils.FakeTarget
+	bounce *testutils.FakeTarget
+	cfg    settings
+	q      *Queue
+
+	done chan store.ID
+}
+
+func testSettings() settings {
+	return settings{
+		maxParallelism: 4,
+		policy: schedule.Policy{
+			Delays:   []time.Duration{time.Minute, 10 * time.Minute},
+			MaxTries: 5,
+			MaxAge:   2 * time.Hour,
+		},
+		hostname:        "mx.example.org",
+		autogenDomain:   "example.org",
+		dsnDisplayName:  "Mail Delivery System",
+		shutdownTimeout: 5 * time.Second,
+		successAction:   "relayed",
+	}
+}
+
+func newHarness(t *testing.T, mut ...func(*harness)) *harness {
+	t.Helper()
+	h := &harness{
+		t:      t,
+		dir:    t.TempDir(),
+		clock:  schedule.NewFakeClock(t0),
+		target: &testutils.FakeTarget{InstName: "next_hop"},
+		bounce: &testutils.FakeTarget{InstName: "bounce"},
+		cfg:    testSettings(),
+		done:   make(chan store.ID, 1000),
+	}
+	for _, m := range mut {
+		m(h)
+	}
+	h.open()
+	return h
+}
+
+func (h *harness) open() {
+	h.t.Helper()
+	q := &Queue{
+		name:     "test_queue",
+		location: h.dir,
+		Log:      log.Logger{Name: "target.spool"},
+		cfg:      h.cfg,
+		target:   h.target,
+		clock:    h.clock,
+		rand:     func() float64 { return 0.5 },
+		dirty:    map[store.ID]*store.Message{},
+	}
+	if h.bounce != nil {
+		q.bounce = h.bounce
+	}
+	q.onAttemptDone = func(id store.ID) { h.done <- id }
+	st, err := store.OpenDir(h.dir, store.DirOptions{OnQuarantine: q.onQuarantine, Logf: q.Log.Printf})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := q.start(st); err != nil {
+		h.t.Fatal(err)
+	}
+	q.WaitLoaded()
+	h.q = q
+	h.t.Cleanup(func() { q.Close() })
+}
+
+// restart closes the queue and opens a new one on the same directory, as a
+// server restart does.
+func (h *harness) restart() {
+	h.t.Helper()
+	if err := h.q.Close(); err != nil {
+		h.t.Fatal(err)
+	}
+	h.open()
+}
+
+// rcpt is a recipient to submit, with optional RCPT TO parameters.
+type rcpt struct {
+	addr string
+	opts smtp.RcptOptions
+}
+
+func rcpts(addrs ...string) []rcpt {
+	out := make([]rcpt, len(addrs))
+	for i, a := range addrs {
+		out[i] = rcpt{addr: a}
+	}
+	return out
+}
+
+const testBody = "Hello.\r\n"
+
+// submit enqueues a message through the module API, as the pipeline does.
+func (h *harness) submit(from string, to []rcpt, opts smtp.MailOptions) {
+	h.t.Helper()
+	if err := h.trySubmit(from, to, opts, testBody); err != nil {
+		h.t.Fatalf("submit: %v", err)
+	}
+}
+
+func (h *harness) trySubmit(from string, to []rcpt, opts smtp.MailOptions, body string) error {
+	ctx := context.Background()
+	meta := &module.MsgMetadata{ID: "m1", SMTPOpts: opts, OriginalFrom: from}
+	d, err := h.q.Start(ctx, meta, from)
+	if err != nil {
+		return err
+	}
+	for _, r := range to {
+		if err := d.AddRcpt(ctx, r.addr, r.opts); err != nil {
+			return err
+		}
+	}
+	var hdr textproto.Header
+	hdr.Add("From", from)
+	hdr.Add("Subject", "test")
+	hdr.Add("Message-ID", "<test@example.org>")
+	if err := d.Body(ctx, hdr, buffer.MemoryBuffer{Slice: []byte(body)}); err != nil {
+		d.Abort(ctx)
+		return err
+	}
+	return d.Commit(ctx)
+}
+
+// waitAttempts waits until n more attempts have finished.
+func (h *harness) waitAttempts(n int) {
+	h.t.Helper()
+	timeout := time.After(20 * time.Second)
+	for i := 0; i < n; i++ {
+		select {
+		case <-h.done:
+		case <-timeout:
+			h.t.Fatalf("only %d of %d attempts finished", i, n)
+		}
+	}
+}
+
+// advance moves the clock once the scheduler is asleep, so the move is
+// seen by the scheduler's timer.
+func (h *harness) advance(d time.Duration) {
+	h.clock.WaitTimers(1)
+	h.clock.Advance(d)
+}
+
+// queued returns the stored messages.
+func (h *harness) queued() []*store.Message {
+	h.t.Helper()
+	var out []*store.Message
+	if err := h.q.store.Walk(func(m *store.Message) error { out = append(out, m); return nil }); err != nil {
+		h.t.Fatal(err)
+	}
+	return out
+}
+
+func (h *harness) assertGauges(messages, recipients int64) {
+	h.t.Helper()
+	g := h.q.Gauges()
+	if g.Messages != messages || g.Recipients != recipients {
+		h.t.Fatalf("gauges: %d messages, %d recipients; want %d, %d", g.Messages, g.Recipients, messages, recipients)
+	}
+}
+
+// reports returns the DSNs the bounce pipeline received.
+func (h *harness) reports() []testutils.Delivered {
+	return h.bounce.Deliveries()
+}
+
+func reportText(d testutils.Delivered) string {
+	var b bytes.Buffer
+	textproto.WriteHeader(&b, d.Header)
+	b.Write(d.Body)
+	return b.String()
+}
+
+func testMeta() *module.MsgMetadata { return &module.MsgMetadata{ID: "m1"} }
+
+func testHeader() textproto.Header {
+	var h textproto.Header
+	h.Add("Subject", "test")
+	return h
+}
+
+func testBuffer() buffer.Buffer { return buffer.MemoryBuffer{Slice: []byte(testBody)} }
