@@ -88,7 +88,13 @@ func (q *Queue) configure(cfg *config.Map) error {
 	cfg.String("dsn_display_name", false, false, "Mail Delivery System", &s.dsnDisplayName)
 	durationDirective(cfg, "delay_warning", 4*time.Hour, true, &s.delayWarning)
 	durationDirective(cfg, "shutdown_timeout", 10*time.Second, false, &s.shutdownTimeout)
-	cfg.Enum("success_action", false, false, []string{"auto", "delivered", "relayed"}, "auto", &successActionInput)
+	cfg.Custom("success_action", false, false, func() (interface{}, error) { return "auto", nil },
+		func(_ *config.Map, n config.Node) (interface{}, error) {
+			if len(n.Args) != 1 || (n.Args[0] != "auto" && n.Args[0] != "delivered" && n.Args[0] != "relayed") {
+				return nil, config.NodeErr(n, "success_action: want auto, delivered or relayed, got %q", strings.Join(n.Args, " "))
+			}
+			return n.Args[0], nil
+		}, &successActionInput)
 	cfg.Custom("bounce", false, false, nil, func(_ *config.Map, n config.Node) (interface{}, error) {
 		return &n, nil
 	}, &bounceNode)
