@@ -36,7 +36,15 @@ func wantsReport(r *store.Rcpt, kind uint8) bool {
 	if len(r.Notify) == 0 {
 		return kind == reportedFailure || kind == reportedDelay
 	}
-	want := map[uint8]string{reportedFailure: "FAILURE", reportedDelay: "DELAY", reportedSuccess: "SUCCESS"}[kind]
+	var want string
+	switch kind {
+	case reportedFailure:
+		want = "FAILURE"
+	case reportedDelay:
+		want = "DELAY"
+	case reportedSuccess:
+		want = "SUCCESS"
+	}
 	for _, n := range r.Notify {
 		if strings.EqualFold(n, "NEVER") {
 			return false
