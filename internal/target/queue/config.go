@@ -24,6 +24,9 @@ type settings struct {
 	delayWarning    time.Duration
 	shutdownTimeout time.Duration
 	successAction   string
+	// minFreeSpace is the free space (bytes) under the location below
+	// which new mail is refused with 452; 0 disables the check.
+	minFreeSpace uint64
 }
 
 // configure reads the target.spool block. It is a superset of maddy's
@@ -95,6 +98,17 @@ func (q *Queue) configure(cfg *config.Map) error {
 			}
 			return n.Args[0], nil
 		}, &successActionInput)
+	cfg.Custom("min_free_space", false, false, func() (interface{}, error) { return uint64(defaultMinFreeSpace), nil },
+		func(_ *config.Map, n config.Node) (interface{}, error) {
+			if len(n.Args) != 1 {
+				return nil, config.NodeErr(n, "min_free_space: want one size, e.g. 100M or 0 to disable")
+			}
+			v, err := parseSize(n.Args[0])
+			if err != nil {
+				return nil, config.NodeErr(n, "min_free_space: %v", err)
+			}
+			return v, nil
+		}, &s.minFreeSpace)
 	cfg.Custom("bounce", false, false, nil, func(_ *config.Map, n config.Node) (interface{}, error) {
 		return &n, nil
 	}, &bounceNode)

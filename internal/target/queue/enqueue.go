@@ -82,6 +82,11 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 	if err := textproto.WriteHeader(&hdr, header); err != nil {
 		return d.storeErr(err)
 	}
+	if err := q.checkFreeSpace(int64(hdr.Len()) + int64(body.Len())); err != nil {
+		metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonMinFreeSpace).Inc()
+		q.Log.Msg("refusing message: disk space below min_free_space", "msg_id", d.meta.ID, "reason", err.Error())
+		return err
+	}
 	r, err := body.Open()
 	if err != nil {
 		return d.storeErr(err)
@@ -99,7 +104,7 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 // client keeps the message and tries again later (451 4.3.1, "insufficient
 // system storage" in RFC 3463 terms covers full disks and I/O errors).
 func (d *delivery) storeErr(err error) error {
-	metrics.EnqueueFailures.WithLabelValues(d.q.label()).Inc()
+	metrics.EnqueueFailures.WithLabelValues(d.q.label(), metrics.ReasonStoreError).Inc()
 	d.q.Log.Error("cannot queue message", err, "msg_id", d.meta.ID)
 	return &exterrors.SMTPError{
 		Code:         451,

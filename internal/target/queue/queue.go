@@ -69,6 +69,9 @@ type Queue struct {
 	unregister     func()
 	closeOnce      sync.Once
 
+	// diskFree, if set, replaces statfs for the free-space check (tests).
+	diskFree func(path string) (uint64, error)
+
 	// onAttemptDone, if set, is called after each attempt has saved its
 	// outcome; tests use it to wait without sleeping.
 	onAttemptDone func(store.ID)
@@ -201,6 +204,10 @@ func (q *Queue) Gauges() metrics.Gauges {
 		Recipients: q.recipients.Load(),
 		Held:       q.held.Load(),
 		Now:        q.clock.Now(),
+		MinFree:    q.cfg.minFreeSpace,
+	}
+	if free, err := q.freeSpace(); err == nil {
+		g.FreeBytes, g.HaveFree = free, true
 	}
 	if oldest, ok, err := q.store.Oldest(); err == nil && ok {
 		g.Oldest = oldest

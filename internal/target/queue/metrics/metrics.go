@@ -58,11 +58,25 @@ var (
 		Help: "Messages durably accepted into the queue.",
 	}, []string{"module"})
 
-	// EnqueueFailures counts messages the queue could not store.
+	// EnqueueFailures counts messages the queue refused, by reason
+	// (ReasonStoreError, ReasonMinFreeSpace).
 	EnqueueFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "maddy_spool_enqueue_failures_total",
-		Help: "Messages refused because the queue could not store them.",
-	}, []string{"module"})
+		Help: "Messages refused with a temporary error because the queue could not or would not store them, by reason.",
+	}, []string{"module", "reason"})
+
+	// AdminOperations counts operator commands that changed the queue, by
+	// operation (hold, release, retry, delete, bounce, import).
+	AdminOperations = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_admin_operations_total",
+		Help: "Operator commands that changed the queue, by operation.",
+	}, []string{"module", "op"})
+)
+
+// Reasons for EnqueueFailures.
+const (
+	ReasonStoreError   = "store_error"
+	ReasonMinFreeSpace = "min_free_space"
 )
 
 // Gauges are a queue's current figures, read at scrape time.
@@ -73,6 +87,12 @@ type Gauges struct {
 	// Oldest is the arrival of the oldest queued message (zero if none).
 	Oldest time.Time
 	Now    time.Time
+	// FreeBytes is the space available under the queue location; HaveFree
+	// is false when it could not be read.
+	FreeBytes uint64
+	HaveFree  bool
+	// MinFree is the configured refusal margin (0: disabled).
+	MinFree uint64
 }
 
 // Source reports a queue's gauges.
@@ -89,6 +109,10 @@ var (
 		"Messages held by an operator.", []string{"module"}, nil)
 	oldestDesc = prometheus.NewDesc("maddy_spool_oldest_message_age_seconds",
 		"Age of the oldest queued message (0 when the queue is empty).", []string{"module"}, nil)
+	freeDesc = prometheus.NewDesc("maddy_spool_disk_free_bytes",
+		"Bytes available to the server on the filesystem holding the queue.", []string{"module"}, nil)
+	minFreeDesc = prometheus.NewDesc("maddy_spool_min_free_space_bytes",
+		"Free space below which new mail is refused with 452 (min_free_space; 0 when disabled).", []string{"module"}, nil)
 )
 
 // gaugeCollector reports the gauges of every registered queue. One
@@ -106,6 +130,8 @@ func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- recipientsDesc
 	ch <- heldDesc
 	ch <- oldestDesc
+	ch <- freeDesc
+	ch <- minFreeDesc
 }
 
 func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
@@ -125,6 +151,10 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(recipientsDesc, prometheus.GaugeValue, float64(g.Recipients), name)
 		ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(g.Held), name)
 		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
+		if g.HaveFree {
+			ch <- prometheus.MustNewConstMetric(freeDesc, prometheus.GaugeValue, float64(g.FreeBytes), name)
+		}
+		ch <- prometheus.MustNewConstMetric(minFreeDesc, prometheus.GaugeValue, float64(g.MinFree), name)
 	}
 }
 
@@ -144,5 +174,5 @@ func Register(name string, src Source) (unregister func()) {
 }
 
 func init() {
-	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, gauges)
+	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, gauges)
 }
