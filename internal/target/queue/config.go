@@ -24,6 +24,8 @@ type settings struct {
 	delayWarning    time.Duration
 	shutdownTimeout time.Duration
 	successAction   string
+	// adminSocket is the control socket path ("" when disabled).
+	adminSocket string
 	// minFreeSpace is the free space (bytes) under the location below
 	// which new mail is refused with 452; 0 disables the check.
 	minFreeSpace uint64
@@ -98,6 +100,7 @@ func (q *Queue) configure(cfg *config.Map) error {
 			}
 			return n.Args[0], nil
 		}, &successActionInput)
+	cfg.String("admin_socket", false, false, "", &s.adminSocket)
 	cfg.Custom("min_free_space", false, false, func() (interface{}, error) { return uint64(defaultMinFreeSpace), nil },
 		func(_ *config.Map, n config.Node) (interface{}, error) {
 			if len(n.Args) != 1 {
@@ -158,6 +161,13 @@ func (q *Queue) configure(cfg *config.Map) error {
 			return err
 		}
 		q.bounce = p
+	}
+
+	switch s.adminSocket {
+	case "":
+		s.adminSocket = filepath.Join(config.RuntimeDirectory, DefaultAdminSocket)
+	case "off":
+		s.adminSocket = ""
 	}
 
 	if q.location == "" {

@@ -28,38 +28,49 @@ const (
 )
 
 // attempt is run by the scheduler for each due message, at most
-// max_parallelism at once. It ends by calling sched.Finish exactly once.
+// max_parallelism at once. It ends with q.finish, which hands the message
+// back to the scheduler after applying any operator request made while
+// the attempt ran.
 func (q *Queue) attempt(id store.ID) {
+	resched, due := q.attemptOnce(id)
+	q.finish(id, resched, due)
+}
+
+// attemptOnce runs the attempt and says whether and when the message is
+// due again.
+func (q *Queue) attemptOnce(id store.ID) (reschedule bool, due time.Time) {
 	m, wasDirty, err := q.load(id)
 	if err != nil {
-		q.handleLoadError(id, err)
-		return
+		return q.loadErrorDecision(id, err)
 	}
 	pendingBefore := len(m.Pending())
-	if wasDirty && pendingBefore > 0 && m.NextAttempt.After(q.clock.Now()) {
-		// Only the save is overdue, not the next attempt.
-		if err := q.store.Update(q.attemptCtx, m); err != nil {
-			q.keepDirty(m, err, q.clock.Now())
-			return
+	if m.Held || (wasDirty && pendingBefore > 0 && m.NextAttempt.After(q.clock.Now())) {
+		// Only a save is overdue (or the message is held and must not be
+		// attempted at all).
+		if wasDirty {
+			if err := q.store.Update(q.attemptCtx, m); err != nil {
+				return q.keepDirty(m, err, q.clock.Now())
+			}
+			q.dropDirty(id)
 		}
-		q.dropDirty(id)
-		q.sched.Finish(id, true, m.NextAttempt)
-		return
+		return !m.Held, m.NextAttempt
 	}
 	if pendingBefore > 0 {
 		if err := q.deliver(m); err != nil {
-			q.handleLoadError(id, err)
-			return
+			return q.loadErrorDecision(id, err)
 		}
 	}
-	q.conclude(m, pendingBefore)
+	return q.settle(m, pendingBefore)
 }
 
 // load returns the message's current state: the unsaved copy of a
-// previous attempt if there is one, else the stored metadata.
+// previous attempt if there is one, else the stored metadata. The caller
+// may change the returned message freely.
 func (q *Queue) load(id store.ID) (m *store.Message, dirty bool, err error) {
 	q.dirtyMu.Lock()
-	m = q.dirty[id]
+	if d := q.dirty[id]; d != nil {
+		m = cloneMessage(d)
+	}
 	q.dirtyMu.Unlock()
 	if m != nil {
 		return m, true, nil
@@ -68,17 +79,26 @@ func (q *Queue) load(id store.ID) (m *store.Message, dirty bool, err error) {
 	return m, false, err
 }
 
-func (q *Queue) handleLoadError(id store.ID, err error) {
+// cloneMessage copies the parts of m that attempts and operators change,
+// so the unsaved copy in q.dirty stays as it was if a change is not saved.
+func cloneMessage(m *store.Message) *store.Message {
+	c := *m
+	c.Rcpts = append([]store.Rcpt(nil), m.Rcpts...)
+	c.History = append([]store.AttemptRecord(nil), m.History...)
+	return &c
+}
+
+func (q *Queue) loadErrorDecision(id store.ID, err error) (reschedule bool, due time.Time) {
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		// Deleted meanwhile (e.g. by an operator): nothing to do.
-		q.sched.Finish(id, false, time.Time{})
+		return false, time.Time{}
 	case errors.Is(err, store.ErrCorrupt):
 		// Quarantined by the store; onQuarantine counted and logged it.
-		q.sched.Finish(id, false, time.Time{})
+		return false, time.Time{}
 	default:
 		q.Log.Error("cannot read queued message, will retry", err, "queue_id", id.String())
-		q.sched.Finish(id, true, q.clock.Now().Add(storeRetryDelay))
+		return true, q.clock.Now().Add(storeRetryDelay)
 	}
 }
 
@@ -209,11 +229,13 @@ func (q *Queue) nestedMeta(m *store.Message) *module.MsgMetadata {
 	return meta
 }
 
-// conclude sends the DSNs the attempt made due, then removes the message
-// if nothing is left to do, or saves it and schedules the next attempt.
-// DSNs go out before the state that records them is saved: a crash in
-// between repeats a report rather than losing it.
-func (q *Queue) conclude(m *store.Message, pendingBefore int) {
+// settle sends the DSNs that m's state makes due, then removes the message
+// if nothing is left to do, or saves it; it says whether and when the
+// message is due again. DSNs go out before the state that records them is
+// saved: a crash in between repeats a report rather than losing it.
+// pendingBefore is the number of recipients pending before the change
+// that led here, for the recipient gauge.
+func (q *Queue) settle(m *store.Message, pendingBefore int) (reschedule bool, due time.Time) {
 	now := q.clock.Now()
 	reportPending := q.sendReports(m, now)
 	pendingAfter := len(m.Pending())
@@ -221,42 +243,47 @@ func (q *Queue) conclude(m *store.Message, pendingBefore int) {
 
 	if pendingAfter == 0 && !reportPending {
 		if err := q.store.Delete(q.attemptCtx, m.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
-			q.keepDirty(m, err, now)
-			return
+			return q.keepDirty(m, err, now)
 		}
-		q.dropDirty(m.ID)
-		q.messages.Add(-1)
-		q.sched.Finish(m.ID, false, time.Time{})
+		q.forget(m)
 		q.Log.Debugf("%v done after %d attempts", m.ID, m.Attempts)
-		return
+		return false, time.Time{}
 	}
 	if pendingAfter == 0 {
 		m.NextAttempt = now.Add(reportRetryDelay)
 	}
 	if err := q.store.Update(q.attemptCtx, m); err != nil {
 		if errors.Is(err, store.ErrNotFound) {
-			q.dropDirty(m.ID)
-			q.messages.Add(-1)
 			q.recipients.Add(-int64(pendingAfter))
-			q.sched.Finish(m.ID, false, time.Time{})
-			return
+			q.forget(m)
+			return false, time.Time{}
 		}
-		q.keepDirty(m, err, now)
-		return
+		return q.keepDirty(m, err, now)
 	}
 	q.dropDirty(m.ID)
-	q.sched.Finish(m.ID, true, m.NextAttempt)
+	return !m.Held, m.NextAttempt
 }
 
-// keepDirty remembers an outcome that could not be saved and retries soon.
-// Until it is saved, the in-memory copy is the truth: recipients recorded
-// as delivered in it are not sent again while the server runs.
-func (q *Queue) keepDirty(m *store.Message, err error, now time.Time) {
-	q.Log.Error("cannot save queue state after attempt, will retry", err, "queue_id", m.ID.String())
+// forget updates the gauges and in-memory state for a message that has
+// left the store (its pending recipients must already be subtracted).
+func (q *Queue) forget(m *store.Message) {
+	q.dropDirty(m.ID)
+	q.messages.Add(-1)
+	if m.Held {
+		q.held.Add(-1)
+	}
+}
+
+// keepDirty remembers an outcome that could not be saved and retries the
+// save soon. Until it is saved, the in-memory copy is the truth:
+// recipients recorded as delivered in it are not sent again while the
+// server runs.
+func (q *Queue) keepDirty(m *store.Message, err error, now time.Time) (reschedule bool, due time.Time) {
+	q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
 	q.dirtyMu.Lock()
 	q.dirty[m.ID] = m
 	q.dirtyMu.Unlock()
-	q.sched.Finish(m.ID, true, now.Add(storeRetryDelay))
+	return true, now.Add(storeRetryDelay)
 }
 
 func (q *Queue) dropDirty(id store.ID) {

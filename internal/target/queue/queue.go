@@ -28,6 +28,7 @@ import (
 	"github.com/foxcpp/maddy/framework/log"
 	"github.com/foxcpp/maddy/framework/module"
 
+	"github.com/maddy-spool/spool/internal/target/queue/admin"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
@@ -36,6 +37,10 @@ import (
 // ModName is the name target.spool registers under. maddy's own
 // target.queue stays available next to it.
 const ModName = "target.spool"
+
+// DefaultAdminSocket is the control socket's file name in maddy's
+// runtime directory, shared by every target.spool instance of a server.
+const DefaultAdminSocket = "spool.sock"
 
 // Queue is a target.spool instance.
 type Queue struct {
@@ -61,12 +66,20 @@ type Queue struct {
 
 	messages, recipients, held atomic.Int64
 
+	// opMu serialises operator changes (see admin.go); opStateMu guards
+	// the two maps below.
+	opMu      sync.Mutex
+	opStateMu sync.Mutex
+	receiving map[store.ID]struct{}
+	waiters   map[store.ID]chan struct{}
+
 	stopDispatch   context.CancelFunc
 	attemptCtx     context.Context
 	cancelAttempts context.CancelFunc
 	runDone        chan struct{}
 	loadDone       chan struct{}
 	unregister     func()
+	unregisterAdm  func()
 	closeOnce      sync.Once
 
 	// diskFree, if set, replaces statfs for the free-space check (tests).
@@ -119,7 +132,18 @@ func (q *Queue) Init(cfg *config.Map) error {
 	if err != nil {
 		return fmt.Errorf("%s (%s:%d): location %s: %w", ModName, cfg.Block.File, cfg.Block.Line, q.location, err)
 	}
-	return q.start(st)
+	if err := q.start(st); err != nil {
+		return err
+	}
+	if q.cfg.adminSocket != "" {
+		unreg, err := admin.Register(q.cfg.adminSocket, q.label(), q, q.logAdmin)
+		if err != nil {
+			q.Close()
+			return fmt.Errorf("%s (%s:%d): %w (set admin_socket to another path, or off)", ModName, cfg.Block.File, cfg.Block.Line, err)
+		}
+		q.unregisterAdm = unreg
+	}
+	return nil
 }
 
 // start runs the queue on st: it accepts new mail at once and loads the
@@ -128,6 +152,8 @@ func (q *Queue) Init(cfg *config.Map) error {
 func (q *Queue) start(st store.Store) error {
 	q.store = st
 	q.sched = schedule.New(q.clock)
+	q.receiving = map[store.ID]struct{}{}
+	q.waiters = map[store.ID]chan struct{}{}
 	var dispatchCtx context.Context
 	dispatchCtx, q.stopDispatch = context.WithCancel(context.Background())
 	q.attemptCtx, q.cancelAttempts = context.WithCancel(context.Background())
@@ -181,6 +207,9 @@ func (q *Queue) WaitLoaded() { <-q.loadDone }
 func (q *Queue) Close() error {
 	var err error
 	q.closeOnce.Do(func() {
+		if q.unregisterAdm != nil {
+			q.unregisterAdm()
+		}
 		q.stopDispatch()
 		<-q.loadDone
 		select {

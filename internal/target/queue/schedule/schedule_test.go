@@ -211,29 +211,42 @@ func TestRemoveWhileInFlightRecordsRequest(t *testing.T) {
 		}
 		close(started)
 		<-finish
-		finish <- s.Finish(id, true, t0.Add(time.Minute))
+		first := s.Finish(id, true, t0.Add(time.Minute))
+		// The worker applies the request, still owning the message, and
+		// finishes again.
+		if st, _ := s.State(id); st != InFlight {
+			t.Errorf("message left flight while its request was applied: %v", st)
+		}
+		finish <- first
+		finish <- s.Finish(id, true, t0.Add(2*time.Minute))
 	})
 	<-started
-	if st := s.Remove(1, 1); st != InFlight {
+	if st, _ := s.Remove(1, 1); st != InFlight {
 		t.Fatalf("Remove in flight = %v", st)
 	}
-	if st := s.Remove(1, 2); st != InFlight {
+	if st, _ := s.Remove(1, 2); st != InFlight {
 		t.Fatalf("second Remove = %v", st)
+	}
+	if st, _ := s.Remove(1, 0); st != InFlight {
+		t.Fatalf("Remove without a request = %v", st)
 	}
 	if s.Add(1, t0) {
 		t.Fatal("Add succeeded for an in-flight message")
 	}
 	finish <- 0
-	if req := <-finish; req != 3 {
-		t.Fatalf("Finish returned %v, want merged requests 3", req)
+	if req := <-finish; req != 2 {
+		t.Fatalf("Finish returned %v, want the latest request 2", req)
 	}
-	if st, _ := s.State(1); st != Unknown {
-		t.Fatalf("message with requests was rescheduled: %v", st)
+	if req := <-finish; req != 0 {
+		t.Fatalf("second Finish returned %v", req)
 	}
-	if st := s.Remove(2, 0); st != Scheduled {
-		t.Fatalf("Remove scheduled = %v", st)
+	if st, due := s.State(1); st != Scheduled || !due.Equal(t0.Add(2*time.Minute)) {
+		t.Fatalf("after the last Finish: %v %v", st, due)
 	}
-	if st := s.Remove(2, 0); st != Unknown {
+	if st, due := s.Remove(2, 0); st != Scheduled || !due.Equal(t0.Add(time.Hour)) {
+		t.Fatalf("Remove scheduled = %v %v", st, due)
+	}
+	if st, _ := s.Remove(2, 0); st != Unknown {
 		t.Fatalf("Remove twice = %v", st)
 	}
 }

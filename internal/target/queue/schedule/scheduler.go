@@ -91,6 +91,11 @@ func (s *Scheduler) Add(id store.ID, due time.Time) bool {
 	if _, ok := s.inflight[id]; ok {
 		return false
 	}
+	s.addLocked(id, due)
+	return true
+}
+
+func (s *Scheduler) addLocked(id store.ID, due time.Time) {
 	d := due.UnixNano()
 	if e, ok := s.index[id]; ok {
 		e.due = d
@@ -103,7 +108,6 @@ func (s *Scheduler) Add(id store.ID, due time.Time) bool {
 	if s.heap[0].id == id {
 		s.kick()
 	}
-	return true
 }
 
 func (s *Scheduler) kick() {
@@ -113,23 +117,28 @@ func (s *Scheduler) kick() {
 	}
 }
 
-// Remove unschedules id. For a message in flight it records req (merged
-// with earlier requests), to be returned by the worker's Finish, and
-// returns InFlight. For a scheduled message it returns Scheduled.
-func (s *Scheduler) Remove(id store.ID, req Request) State {
+// Remove unschedules id and returns where it stood and, if it was
+// scheduled, its due time. Once Remove has returned Scheduled, the caller
+// owns the message: no worker will pick it up until the caller Adds it
+// again. For a message in flight, a non-zero req is recorded (replacing an
+// earlier one: the operator's latest request wins) and handed to the worker
+// by Finish.
+func (s *Scheduler) Remove(id store.ID, req Request) (State, time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r, ok := s.inflight[id]; ok {
-		s.inflight[id] = r | req
-		return InFlight
+	if _, ok := s.inflight[id]; ok {
+		if req != 0 {
+			s.inflight[id] = req
+		}
+		return InFlight, time.Time{}
 	}
 	e, ok := s.index[id]
 	if !ok {
-		return Unknown
+		return Unknown, time.Time{}
 	}
 	heap.Remove(&s.heap, e.index)
 	delete(s.index, id)
-	return Scheduled
+	return Scheduled, time.Unix(0, e.due)
 }
 
 // State returns where id stands and, if scheduled, its due time.
@@ -159,18 +168,23 @@ func (s *Scheduler) InFlight() int {
 	return len(s.inflight)
 }
 
-// Finish ends the in-flight state of id and returns the requests recorded
-// meanwhile. If reschedule is true and no request was recorded, id is
-// scheduled at due in the same step, so no request can slip in between.
+// Finish ends the worker's hold on id. If a request was recorded meanwhile,
+// Finish returns it and id stays in flight: the worker applies the request
+// and calls Finish again, until no request is left. Otherwise id leaves
+// the in-flight state and, if reschedule is true, is scheduled at due in
+// the same step, so no operator can act on it in between.
 func (s *Scheduler) Finish(id store.ID, reschedule bool, due time.Time) Request {
 	s.mu.Lock()
-	req := s.inflight[id]
-	delete(s.inflight, id)
-	s.mu.Unlock()
-	if reschedule && req == 0 {
-		s.Add(id, due)
+	defer s.mu.Unlock()
+	if req := s.inflight[id]; req != 0 {
+		s.inflight[id] = 0
+		return req
 	}
-	return req
+	delete(s.inflight, id)
+	if reschedule {
+		s.addLocked(id, due)
+	}
+	return 0
 }
 
 // Run dispatches due messages to fn, each in its own goroutine, with at
