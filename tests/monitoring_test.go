@@ -112,16 +112,16 @@ var (
 // alert has a runbook paragraph its annotation links to.
 func TestAlertRules(t *testing.T) {
 	t.Parallel()
-	promtool := requireTool(t, "promtool")
-	rulesPath := monitoringPath(t, alertRulesFile)
-
-	if out, err := runTool(nil, promtool, "check", "rules", rulesPath); err != nil {
-		t.Fatalf("promtool check rules %s: %v\n%s", alertRulesFile, err, out)
-	}
-	// promtool resolves rule_files relative to the test file.
-	if out, err := runTool(nil, promtool, "test", "rules", monitoringPath(t, alertTestsFile)); err != nil {
-		t.Fatalf("promtool test rules %s: %v\n%s", alertTestsFile, err, out)
-	}
+	t.Run("promtool", func(t *testing.T) {
+		promtool := requireTool(t, "promtool")
+		if out, err := runTool(nil, promtool, "check", "rules", monitoringPath(t, alertRulesFile)); err != nil {
+			t.Fatalf("promtool check rules %s: %v\n%s", alertRulesFile, err, out)
+		}
+		// promtool resolves rule_files relative to the test file.
+		if out, err := runTool(nil, promtool, "test", "rules", monitoringPath(t, alertTestsFile)); err != nil {
+			t.Fatalf("promtool test rules %s: %v\n%s", alertTestsFile, err, out)
+		}
+	})
 
 	rules := readMonitoringFile(t, alertRulesFile)
 	var alerts []string
@@ -380,7 +380,6 @@ var largeBody = strings.Repeat("0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ
 // dashboard use.
 func TestMetricsScrape(t *testing.T) {
 	t.Parallel()
-	promtool := requireTool(t, "promtool")
 
 	const (
 		okRcpt    = "ok@remote.test"
@@ -449,6 +448,7 @@ func TestMetricsScrape(t *testing.T) {
 	}
 
 	t.Run("promtool check metrics", func(t *testing.T) {
+		promtool := requireTool(t, "promtool")
 		out, err := runTool(text, promtool, "check", "metrics")
 		var problems []string
 		for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
