@@ -3,6 +3,7 @@ package migrate
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -17,6 +18,7 @@ import (
 	_ "github.com/foxcpp/maddy" // registers target.queue and the rest of maddy's modules
 	"github.com/foxcpp/maddy/framework/buffer"
 	"github.com/foxcpp/maddy/framework/config"
+	"github.com/foxcpp/maddy/framework/log"
 	"github.com/foxcpp/maddy/framework/module"
 
 	"github.com/maddy-spool/spool/internal/testutils"
@@ -119,6 +121,11 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if !testing.Verbose() {
+		// maddy's modules log every attempt; keep the output readable.
+		log.DefaultLogger.Out = log.NopOutput{}
+	}
 	code := m.Run()
 	if fixtureRoot != "" {
 		os.RemoveAll(fixtureRoot)
@@ -128,7 +135,7 @@ func TestMain(m *testing.M) {
 
 // maddyFixture runs maddy's queue once per test binary and returns the
 // directories it left; tests copy them before changing anything.
-func maddyFixture(t *testing.T) fixtureDirs {
+func maddyFixture(t testing.TB) fixtureDirs {
 	t.Helper()
 	fixtureOnce.Do(func() {
 		fixtureRoot, fixtureErr = os.MkdirTemp("", "maddy-queue-fixture-")
