@@ -34,24 +34,34 @@ func useQuickstartIfNoConfig(c *cli.Context) error {
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	dir := os.Getenv(quickstartDirEnv)
-	if dir == "" {
-		dir = "spool-data"
-	}
-	dir, err := filepath.Abs(dir)
+	dir, err := quickstartDir()
 	if err != nil {
 		return err
 	}
 	if err := os.MkdirAll(filepath.Join(dir, "run"), 0o700); err != nil {
 		return fmt.Errorf("quickstart: %w", err)
 	}
-	// maddy resolves {env:...} in the configuration; the state directory
-	// must be absolute.
-	os.Setenv(quickstartDirEnv, dir)
 	confPath := filepath.Join(dir, "quickstart.conf")
 	if err := os.WriteFile(confPath, quickstartConf, 0o600); err != nil {
 		return fmt.Errorf("quickstart: %w", err)
 	}
 	log.Printf("no configuration file at %s: using the built-in quickstart configuration (%s, state in %s)", path, confPath, dir)
 	return c.Set("config", confPath)
+}
+
+// quickstartDir resolves the quickstart's state directory to an absolute
+// path and exports it for the configuration's {env:...} placeholder.
+func quickstartDir() (string, error) {
+	dir := os.Getenv(quickstartDirEnv)
+	if dir == "" {
+		dir = "spool-data"
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	// maddy resolves {env:...} in the configuration; the state directory
+	// must be absolute.
+	os.Setenv(quickstartDirEnv, dir)
+	return dir, nil
 }

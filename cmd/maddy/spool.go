@@ -1,11 +1,446 @@
 package main
 
-import "github.com/urfave/cli/v2"
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
 
-// spoolCommand groups the queue admin commands.
+	"github.com/urfave/cli/v2"
+
+	"github.com/maddy-spool/spool/internal/target/queue"
+	"github.com/maddy-spool/spool/internal/target/queue/admin"
+	"github.com/maddy-spool/spool/internal/target/queue/migrate"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+)
+
+// changeTimeout bounds a change command; the server itself waits at most
+// 30 seconds for attempts in flight.
+const changeTimeout = 2 * time.Minute
+
+// spoolCommand groups the queue admin commands. They talk to the running
+// server over its control socket; list, show and stats fall back to
+// reading the queue directory read-only when the server is down.
 func spoolCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "spool",
 		Usage: "Inspect and steer target.spool queues",
+		Description: `Commands talk to the running server over its control socket
+(RUNTIME_DIR/spool.sock unless admin_socket or --socket say otherwise).
+list, show and stats read the queue directory read-only when the server
+is not running; the other commands need the running server.`,
+		Subcommands: []*cli.Command{
+			{
+				Name:      "list",
+				Aliases:   []string{"ls"},
+				Usage:     "List queued messages with their pending recipients (like mailq)",
+				ArgsUsage: "[ID ...]",
+				Flags:     append(filterFlags(), readFlags()...),
+				Action:    spoolList,
+			},
+			{
+				Name:      "show",
+				Usage:     "Show one message: envelope, recipients, attempt history; --headers/--body print the stored message",
+				ArgsUsage: "ID",
+				Flags: append([]cli.Flag{
+					&cli.BoolFlag{Name: "headers", Usage: "print the stored header block"},
+					&cli.BoolFlag{Name: "body", Usage: "print the stored body (with --headers: the whole message)"},
+				}, readFlags()...),
+				Action: spoolShow,
+			},
+			{
+				Name:   "stats",
+				Usage:  "Counts by state, oldest message, top destination domains and errors (like qshape)",
+				Flags:  readFlags(),
+				Action: spoolStats,
+			},
+			changeCommand(admin.OpRetry, "Make messages due now (flush); held messages stay held"),
+			changeCommand(admin.OpHold, "Keep messages from being attempted (or expiring) until released"),
+			changeCommand(admin.OpRelease, "Release held messages; they are due at once"),
+			changeCommand(admin.OpDelete, "Remove messages without telling their senders"),
+			changeCommand(admin.OpBounce, "Fail the pending recipients now, with a DSN to the sender (status 5.0.0)"),
+			{
+				Name:  "import",
+				Usage: "Move the messages of a stopped maddy target.queue directory into a target.spool queue",
+				Flags: append([]cli.Flag{
+					&cli.PathFlag{Name: "from", Required: true, Usage: "target.queue directory to import (e.g. /var/lib/maddy/remote_queue)"},
+					&cli.StringFlag{Name: "to", Usage: "target.spool instance name, or queue directory (default: the only instance)"},
+					&cli.BoolFlag{Name: "dry-run", Usage: "check every entry and say what would be done, change nothing"},
+				}, socketFlag()),
+				Action: spoolImport,
+			},
+		},
 	}
+}
+
+func socketFlag() cli.Flag {
+	return &cli.PathFlag{Name: "socket", Usage: "control socket of the running server", EnvVars: []string{"SPOOL_SOCKET"}}
+}
+
+// readFlags are shared by the read commands.
+func readFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "instance", Usage: "target.spool block name (default: all)"},
+		&cli.BoolFlag{Name: "json", Usage: "machine-readable output, one JSON object per line"},
+		&cli.PathFlag{Name: "dir", Usage: "read this queue directory directly (server must be stopped)"},
+		socketFlag(),
+	}
+}
+
+func filterFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "from", Usage: "sender address, or @domain"},
+		&cli.StringFlag{Name: "to", Usage: "pending recipient address, or @domain"},
+		&cli.StringFlag{Name: "older-than", Usage: "arrived longer ago than this (e.g. 30m, 2h, 3d)"},
+		&cli.BoolFlag{Name: "held", Usage: "only held messages"},
+	}
+}
+
+func changeCommand(op admin.Op, usage string) *cli.Command {
+	return &cli.Command{
+		Name:      string(op),
+		Usage:     usage,
+		ArgsUsage: "ID ... | --all | filters",
+		Flags: append(filterFlags(),
+			&cli.BoolFlag{Name: "all", Usage: "every message (with filters: every matching one)"},
+			&cli.BoolFlag{Name: "yes", Aliases: []string{"y"}, Usage: "confirm a change of more than one message selected without IDs"},
+			&cli.StringFlag{Name: "instance", Usage: "target.spool block name (needed with IDs when there are several)"},
+			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON"},
+			socketFlag(),
+		),
+		Action: func(c *cli.Context) error { return spoolChange(c, op) },
+	}
+}
+
+// filterFrom builds the filter from the arguments and flags.
+func filterFrom(c *cli.Context) (admin.Filter, error) {
+	f := admin.Filter{From: c.String("from"), To: c.String("to")}
+	if c.IsSet("held") {
+		held := c.Bool("held")
+		f.Held = &held
+	}
+	if s := c.String("older-than"); s != "" {
+		d, err := queue.ParseDuration(s)
+		if err != nil || d < 0 {
+			return f, fmt.Errorf("--older-than %q: want a duration such as 30m, 2h or 3d", s)
+		}
+		f.OlderThan = d
+	}
+	for _, a := range c.Args().Slice() {
+		id, err := store.ParseID(a)
+		if err != nil {
+			return f, err
+		}
+		f.IDs = append(f.IDs, id)
+	}
+	return f, f.Validate()
+}
+
+func signalContext(timeout time.Duration) (context.Context, context.CancelFunc) {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	if timeout <= 0 {
+		return ctx, stop
+	}
+	tctx, cancel := context.WithTimeout(ctx, timeout)
+	return tctx, func() { cancel(); stop() }
+}
+
+// readOnline runs a read request on the server; ok is false when the
+// server is down and the caller should read the directory instead.
+func readOnline(c *cli.Context, setup *spoolSetup, req admin.Request, fn func(admin.Response) error) (ok bool, err error) {
+	if c.String("dir") != "" {
+		return false, nil
+	}
+	ctx, cancel := signalContext(0)
+	defer cancel()
+	req.Instance = c.String("instance")
+	err = admin.Do(ctx, setup.socket, req, fn)
+	if errors.Is(err, admin.ErrServerDown) {
+		return false, nil
+	}
+	return true, err
+}
+
+// withOffline opens each selected queue directory read-only, for reads
+// while the server is down.
+func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st store.Store) error) error {
+	insts, err := setup.pick(c)
+	if err != nil {
+		return err
+	}
+	for _, inst := range insts {
+		if c.String("dir") == "" {
+			fmt.Fprintf(os.Stderr, "maddy is not running (nothing listens on %s): reading %s read-only\n", setup.socket, inst.location)
+		}
+		if _, err := os.Stat(inst.location); err != nil {
+			return fmt.Errorf("instance %s: %w", inst.name, err)
+		}
+		st, err := store.OpenDir(inst.location, store.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
+		if err != nil {
+			return fmt.Errorf("instance %s: %w", inst.name, err)
+		}
+		err = fn(inst.name, st)
+		st.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func spoolList(c *cli.Context) error {
+	setup, err := loadSpoolSetup(c)
+	if err != nil {
+		return err
+	}
+	f, err := filterFrom(c)
+	if err != nil {
+		return err
+	}
+	out := newListPrinter(os.Stdout, c.Bool("json"))
+	ok, err := readOnline(c, setup, admin.Request{Op: admin.OpList, Filter: f}, func(r admin.Response) error {
+		if r.Message == nil {
+			return nil
+		}
+		return out.message(*r.Message)
+	})
+	if !ok && err == nil {
+		err = withOffline(c, setup, func(name string, st store.Store) error {
+			return admin.List(st, name, f, time.Now(), nil, out.message)
+		})
+	}
+	if err != nil {
+		return err
+	}
+	return out.finish()
+}
+
+func spoolShow(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return errors.New("show takes exactly one message ID")
+	}
+	if c.Bool("json") && c.Bool("body") {
+		return errors.New("--body prints raw content: use it without --json")
+	}
+	id, err := store.ParseID(c.Args().First())
+	if err != nil {
+		return err
+	}
+	setup, err := loadSpoolSetup(c)
+	if err != nil {
+		return err
+	}
+	raw := c.Bool("headers") || c.Bool("body")
+	onResp := func(r admin.Response) error {
+		switch {
+		case r.Detail != nil && c.Bool("json"):
+			return json.NewEncoder(os.Stdout).Encode(r.Detail)
+		case r.Detail != nil && raw:
+			if c.Bool("headers") {
+				_, err := os.Stdout.WriteString(r.Detail.Header)
+				return err
+			}
+			return nil
+		case r.Detail != nil:
+			return printDetail(os.Stdout, r.Detail)
+		case r.Content != nil:
+			_, err := os.Stdout.Write(r.Content)
+			return err
+		}
+		return nil
+	}
+	req := admin.Request{Op: admin.OpShow, Filter: admin.Filter{IDs: []store.ID{id}},
+		Headers: c.Bool("headers") || c.Bool("json"), Body: c.Bool("body")}
+	ok, err := readOnline(c, setup, req, onResp)
+	if ok || err != nil {
+		return err
+	}
+	found := false
+	err = withOffline(c, setup, func(name string, st store.Store) error {
+		if found {
+			return nil
+		}
+		err := admin.Show(st, name, id, req.Headers, req.Body, nil, onResp)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil
+		}
+		found = err == nil
+		return err
+	})
+	if err == nil && !found {
+		err = fmt.Errorf("message %v: not queued", id)
+	}
+	return err
+}
+
+func spoolStats(c *cli.Context) error {
+	setup, err := loadSpoolSetup(c)
+	if err != nil {
+		return err
+	}
+	print := func(st admin.Stats) error {
+		if c.Bool("json") {
+			return json.NewEncoder(os.Stdout).Encode(st)
+		}
+		return printStats(os.Stdout, st)
+	}
+	ok, err := readOnline(c, setup, admin.Request{Op: admin.OpStats}, func(r admin.Response) error {
+		if r.Stats == nil {
+			return nil
+		}
+		return print(*r.Stats)
+	})
+	if ok || err != nil {
+		return err
+	}
+	return withOffline(c, setup, func(name string, st store.Store) error {
+		s, err := admin.ComputeStats(st, name, time.Now(), nil)
+		if err != nil {
+			return err
+		}
+		return print(s)
+	})
+}
+
+func spoolChange(c *cli.Context, op admin.Op) error {
+	f, err := filterFrom(c)
+	if err != nil {
+		return err
+	}
+	if !f.Explicit() && f.Empty() && !c.Bool("all") {
+		return fmt.Errorf("%s: name messages by ID, or select them with --from/--to/--older-than/--held or --all", op)
+	}
+	if f.Explicit() && c.Bool("all") {
+		return fmt.Errorf("%s: give either IDs or --all, not both", op)
+	}
+	setup, err := loadSpoolSetup(c)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := signalContext(changeTimeout)
+	defer cancel()
+	instance := c.String("instance")
+	if !f.Explicit() && !c.Bool("yes") {
+		n := 0
+		err := admin.Do(ctx, setup.socket, admin.Request{Op: admin.OpList, Instance: instance, Filter: f}, func(r admin.Response) error {
+			if r.Message != nil {
+				n++
+			}
+			return nil
+		})
+		if err != nil {
+			return changeErr(op, setup, err)
+		}
+		if n > 1 {
+			return fmt.Errorf("%s would change %d messages: run again with --yes to confirm", op, n)
+		}
+	}
+	var results []admin.Result
+	err = admin.Do(ctx, setup.socket, admin.Request{Op: string(op), Instance: instance, Filter: f}, func(r admin.Response) error {
+		if r.Result != nil {
+			results = append(results, *r.Result)
+		}
+		return nil
+	})
+	if err != nil {
+		return changeErr(op, setup, err)
+	}
+	if c.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		for _, r := range results {
+			if err := enc.Encode(r); err != nil {
+				return err
+			}
+		}
+	} else {
+		printResults(os.Stdout, f, results)
+	}
+	for _, r := range results {
+		if r.Failed > 0 {
+			return cli.Exit("", 1)
+		}
+	}
+	if f.Explicit() && len(missingIDs(f, results)) > 0 {
+		return cli.Exit("", 1)
+	}
+	return nil
+}
+
+func changeErr(op admin.Op, setup *spoolSetup, err error) error {
+	if errors.Is(err, admin.ErrServerDown) {
+		return fmt.Errorf("%s: maddy is not running (nothing listens on %s); changes are made by the running server. Start it, or name its socket with --socket", op, setup.socket)
+	}
+	return fmt.Errorf("%s: %w", op, err)
+}
+
+// missingIDs returns the explicit IDs the server reported nothing about:
+// they are not queued.
+func missingIDs(f admin.Filter, results []admin.Result) []string {
+	seen := map[string]bool{}
+	for _, r := range results {
+		for _, it := range r.Items {
+			seen[it.ID] = true
+		}
+	}
+	var missing []string
+	for _, id := range f.IDs {
+		if !seen[id.String()] {
+			missing = append(missing, id.String())
+		}
+	}
+	return missing
+}
+
+func spoolImport(c *cli.Context) error {
+	setup, err := loadSpoolSetup(c)
+	if err != nil {
+		return err
+	}
+	dir, err := importTarget(setup, c.String("to"))
+	if err != nil {
+		return err
+	}
+	st, err := store.OpenDir(dir, store.DirOptions{LockTimeout: 2 * time.Second, ReadOnly: c.Bool("dry-run")})
+	if err != nil {
+		return fmt.Errorf("opening %s: %w (stop maddy before importing)", dir, err)
+	}
+	defer st.Close()
+	ctx, cancel := signalContext(0)
+	defer cancel()
+	res, err := migrate.Import(ctx, c.Path("from"), st, migrate.Options{DryRun: c.Bool("dry-run")})
+	if werr := res.Write(os.Stdout); werr != nil && err == nil {
+		err = werr
+	}
+	if err != nil {
+		return err
+	}
+	if len(res.Failed) > 0 {
+		return cli.Exit(fmt.Sprintf("%d entries were not imported; they are left in %s", len(res.Failed), c.Path("from")), 1)
+	}
+	return nil
+}
+
+// importTarget resolves --to: an instance name from the configuration, or
+// a directory; by default the only instance.
+func importTarget(setup *spoolSetup, to string) (string, error) {
+	if to == "" {
+		if len(setup.instances) != 1 {
+			return "", fmt.Errorf("name the target.spool instance or directory with --to (instances in %s: %s)", setup.configPath, setup.names())
+		}
+		return setup.instances[0].location, nil
+	}
+	for _, inst := range setup.instances {
+		if inst.name == to {
+			return inst.location, nil
+		}
+	}
+	if strings.ContainsRune(to, os.PathSeparator) {
+		return to, nil
+	}
+	return "", fmt.Errorf("--to %q: no such target.spool instance in %s (have: %s); give a path for a directory", to, setup.configPath, setup.names())
 }

@@ -340,3 +340,7 @@ func (q *Queue) logAdmin(instance string, op admin.Op, peer admin.Peer, f admin.
 }
 
 var _ admin.Queue = (*Queue)(nil)
+
+// ParseDuration reads a duration as the configuration does: Go's units
+// with an optional leading day count ("3d", "1d12h").
+func ParseDuration(s string) (time.Duration, error) { return parseDuration(s) }

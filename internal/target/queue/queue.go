@@ -159,6 +159,7 @@ func (q *Queue) start(st store.Store) error {
 	q.attemptCtx, q.cancelAttempts = context.WithCancel(context.Background())
 	q.runDone = make(chan struct{})
 	q.loadDone = make(chan struct{})
+	metrics.InitSeries(q.label())
 	q.unregister = metrics.Register(q.label(), q)
 
 	go func() {

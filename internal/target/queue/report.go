@@ -96,12 +96,12 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 	switch {
 	case m.From == "":
 		// RFC 3464 section 2: never report on a report (null sender).
-		metrics.DSNsNotSent.WithLabelValues(q.label(), "null_sender").Inc()
+		metrics.DSNsNotSent.WithLabelValues(q.label(), metrics.ReasonNullSender).Inc()
 		q.Log.Msg("not reporting on a message with a null sender", "queue_id", m.ID.String(), "msg_id", m.MsgID)
 		markAll()
 		return false
 	case q.bounce == nil:
-		metrics.DSNsNotSent.WithLabelValues(q.label(), "no_bounce_pipeline").Inc()
+		metrics.DSNsNotSent.WithLabelValues(q.label(), metrics.ReasonNoBouncePipeline).Inc()
 		markAll()
 		return false
 	}
@@ -111,7 +111,7 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 		markAll()
 		return false
 	}
-	metrics.DSNsNotSent.WithLabelValues(q.label(), "error").Inc()
+	metrics.DSNsNotSent.WithLabelValues(q.label(), metrics.ReasonReportError).Inc()
 	q.Log.Error("cannot hand DSN to the bounce pipeline", err, "queue_id", m.ID.String(), "msg_id", m.MsgID)
 	failureOwed := false
 	for _, kind := range owed {

@@ -79,6 +79,46 @@ const (
 	ReasonMinFreeSpace = "min_free_space"
 )
 
+// Reasons for DSNsNotSent.
+const (
+	ReasonNullSender       = "null_sender"
+	ReasonNoBouncePipeline = "no_bounce_pipeline"
+	ReasonReportError      = "error"
+)
+
+// Label values known in advance, so that every series exists from the
+// start at zero: a rate() or increase() over a series that appears with
+// its first event misses that event, and alerts would fire late.
+var (
+	results       = []string{ResultDelivered, ResultTemporary, ResultPermanent}
+	dsnActions    = []string{"failed", "delayed", "delivered", "relayed"}
+	notSentReason = []string{ReasonNullSender, ReasonNoBouncePipeline, ReasonReportError}
+	enqueueReason = []string{ReasonStoreError, ReasonMinFreeSpace}
+	adminOps      = []string{"hold", "release", "retry", "delete", "bounce"}
+)
+
+// InitSeries creates every labelled series of an instance at zero.
+func InitSeries(module string) {
+	for _, r := range results {
+		Attempts.WithLabelValues(module, r)
+	}
+	for _, a := range dsnActions {
+		DSNs.WithLabelValues(module, a)
+	}
+	for _, r := range notSentReason {
+		DSNsNotSent.WithLabelValues(module, r)
+	}
+	for _, r := range enqueueReason {
+		EnqueueFailures.WithLabelValues(module, r)
+	}
+	for _, op := range adminOps {
+		AdminOperations.WithLabelValues(module, op)
+	}
+	AttemptDuration.WithLabelValues(module)
+	Quarantined.WithLabelValues(module)
+	Enqueued.WithLabelValues(module)
+}
+
 // Gauges are a queue's current figures, read at scrape time.
 type Gauges struct {
 	Messages   int64
