@@ -21,9 +21,12 @@ import (
 
 // Timeouts of one control connection. A client that stops reading or
 // writing is dropped; it never holds a server goroutine for long.
-const (
+var (
 	requestTimeout = 10 * time.Second
 	writeTimeout   = 30 * time.Second
+)
+
+const (
 	// changeTimeout bounds how long a change waits for attempts in
 	// flight before answering "deferred" without their final state.
 	changeTimeout = 30 * time.Second
