@@ -15,12 +15,16 @@ import (
 
 // Operator changes never race with deliveries. A message is at any moment
 // owned by exactly one party: the scheduler (waiting in its heap), a
-// worker (in flight), or nobody (held, or being received). A change to a
-// waiting message takes it out of the heap first (schedule.Remove), which
-// makes the operation its owner; a change to a message in flight is
-// recorded with the scheduler, and the worker applies it when its attempt
-// ends, before giving the message back (see finish). Changes are
-// serialised by opMu, so two operators never act on one message at once.
+// worker (in flight), the operators (held), or the client session that is
+// still submitting it (stored by Body, not yet scheduled by Commit). A
+// change to a waiting message takes it out of the heap first
+// (schedule.Remove), which makes the operation its owner; a change to a
+// message in flight is recorded with the scheduler, and the worker applies
+// it when its attempt ends, before giving the message back (see finish). A
+// stored message that is neither scheduled, in flight nor held belongs to
+// its submitting session (or was not loaded at start-up) and is left
+// alone. Changes are serialised by opMu, so two operators never act on one
+// message at once.
 
 // Requests recorded for a message in flight. The latest one wins.
 const (
@@ -141,9 +145,6 @@ func (q *Queue) describe(id store.ID) string {
 func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.Outcome, string, chan struct{}) {
 	q.opMu.Lock()
 	defer q.opMu.Unlock()
-	if q.isReceiving(id) {
-		return admin.Receiving, "still being received", nil
-	}
 	req := requestFor(op)
 	// Registered before Remove, so the worker cannot finish unseen in
 	// between.
@@ -157,6 +158,12 @@ func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.O
 		return admin.Deferred, "", ch
 	}
 	q.dropWaiter(id, ch)
+	if st == schedule.Unknown {
+		// Only held messages are the operators' when unscheduled.
+		if m, _, err := q.load(id); err == nil && !m.Held {
+			return admin.Receiving, "not committed to the queue yet (still being received); try again", nil
+		}
+	}
 	o, detail, resched, next := q.applyOp(ctx, id, op, st == schedule.Scheduled, due)
 	if resched {
 		q.sched.Add(id, next)
@@ -244,28 +251,6 @@ func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool
 		return admin.Changed, fmt.Sprintf("%d recipients failed, reports sent as requested", len(pending)), reschedule, due
 	}
 	return admin.Failed, "unknown operation " + string(op), keep, keepDue
-}
-
-// Receiving marks: a message stored by Body but not yet committed or
-// aborted is not the operator's to change.
-
-func (q *Queue) markReceiving(id store.ID) {
-	q.opStateMu.Lock()
-	q.receiving[id] = struct{}{}
-	q.opStateMu.Unlock()
-}
-
-func (q *Queue) unmarkReceiving(id store.ID) {
-	q.opStateMu.Lock()
-	delete(q.receiving, id)
-	q.opStateMu.Unlock()
-}
-
-func (q *Queue) isReceiving(id store.ID) bool {
-	q.opStateMu.Lock()
-	defer q.opStateMu.Unlock()
-	_, ok := q.receiving[id]
-	return ok
 }
 
 // Waiters: operators waiting for a request to be applied by a worker.

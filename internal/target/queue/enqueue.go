@@ -96,7 +96,6 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 		return d.storeErr(err)
 	}
 	d.msg = m
-	q.markReceiving(m.ID)
 	metrics.Enqueued.WithLabelValues(q.label()).Inc()
 	return nil
 }
@@ -134,9 +133,8 @@ func (d *delivery) Commit(ctx context.Context) error {
 	q := d.q
 	q.messages.Add(1)
 	q.recipients.Add(int64(len(d.msg.Rcpts)))
+	// From here on operators may act on it (see admin.go).
 	q.sched.Add(d.msg.ID, d.msg.NextAttempt)
-	// Only now may an operator act on it: it is in the scheduler's hands.
-	q.unmarkReceiving(d.msg.ID)
 	q.Log.Debugf("queued %v (msg_id %s) for %d recipients", d.msg.ID, d.msg.MsgID, len(d.msg.Rcpts))
 	d.msg = nil
 	return nil
@@ -150,7 +148,6 @@ func (d *delivery) Abort(ctx context.Context) error {
 	}
 	id := d.msg.ID
 	d.msg = nil
-	defer d.q.unmarkReceiving(id)
 	if err := d.q.store.Delete(ctx, id); err != nil {
 		// Left on disk, it would be delivered after a restart although the
 		// client was refused; say so loudly.

@@ -67,10 +67,9 @@ type Queue struct {
 	messages, recipients, held atomic.Int64
 
 	// opMu serialises operator changes (see admin.go); opStateMu guards
-	// the two maps below.
+	// waiters.
 	opMu      sync.Mutex
 	opStateMu sync.Mutex
-	receiving map[store.ID]struct{}
 	waiters   map[store.ID]chan struct{}
 
 	stopDispatch   context.CancelFunc
@@ -152,7 +151,6 @@ func (q *Queue) Init(cfg *config.Map) error {
 func (q *Queue) start(st store.Store) error {
 	q.store = st
 	q.sched = schedule.New(q.clock)
-	q.receiving = map[store.ID]struct{}{}
 	q.waiters = map[store.ID]chan struct{}{}
 	var dispatchCtx context.Context
 	dispatchCtx, q.stopDispatch = context.WithCancel(context.Background())
