@@ -554,6 +554,9 @@ func TestReportOfReport(t *testing.T) {
 		h.bounce.StartErr = func(int) error { return temp451 }
 		h.submit("s@example.org", rcpts("a@x.test"), smtp.MailOptions{})
 		h.waitAttempts(1)
+		if len(h.queued()) != 1 {
+			t.Fatal("message not kept for the refused report")
+		}
 		// The next try comes due long after max_age + a day: it is the last.
 		h.advance(h.cfg.policy.MaxAge + reportGiveUp + time.Hour)
 		h.waitAttempts(1)
@@ -595,6 +598,8 @@ func TestReportOfReport(t *testing.T) {
 func TestNullSenderNeverReported(t *testing.T) {
 	h := newHarness(t, dsnSettings)
 	all := notify(smtp.DSNNotifySuccess, smtp.DSNNotifyFailure, smtp.DSNNotifyDelayed)
+	nullBefore := testutil.ToFloat64(metrics.DSNsNotSent.WithLabelValues("test_queue", "null_sender"))
+	errBefore := testutil.ToFloat64(metrics.DSNsNotSent.WithLabelValues("test_queue", "error"))
 	h.target.Rcpt = testutils.ChainRcpt(
 		testutils.FailRcpts(map[string]error{"p@x.test": perm550, "t@x.test": temp451}),
 		testutils.FailFirst(3, temp451, "d@x.test"))
@@ -603,6 +608,14 @@ func TestNullSenderNeverReported(t *testing.T) {
 	h.runToEnd()
 	if len(h.reports()) != 0 || h.bounce.Attempts() != 0 {
 		t.Fatalf("%d reports for a null-sender message", len(h.reports()))
+	}
+	// Four events were owed a report (failure and success at once, delay,
+	// success of d, expiry of t); each is counted as not sent.
+	if got := testutil.ToFloat64(metrics.DSNsNotSent.WithLabelValues("test_queue", "null_sender")) - nullBefore; got != 4 {
+		t.Fatalf("null_sender counter grew by %v, want 4", got)
+	}
+	if got := testutil.ToFloat64(metrics.DSNsNotSent.WithLabelValues("test_queue", "error")) - errBefore; got != 0 {
+		t.Fatalf("error counter grew by %v", got)
 	}
 }
 
