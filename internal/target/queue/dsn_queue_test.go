@@ -405,9 +405,28 @@ func TestMixedNotifyOneReportPerEvent(t *testing.T) {
 	}
 	subjects := []string{"Undelivered Mail Returned to Sender", "Delivery Status Notification (Delay)",
 		"Delivery Status Notification (Success)", "Undelivered Mail Returned to Sender"}
+	ids := map[string]bool{}
 	for i, d := range reps {
 		if s := d.Header.Get("Subject"); s != subjects[i] {
 			t.Errorf("report %d Subject %q, want %q", i+1, s, subjects[i])
+		}
+		for name, want := range map[string]string{
+			"From":           "Mail Delivery System <MAILER-DAEMON@example.org>",
+			"To":             "<s@example.org>",
+			"Auto-Submitted": "auto-replied",
+			"MIME-Version":   "1.0",
+		} {
+			if got := d.Header.Get(name); got != want {
+				t.Errorf("report %d %s %q, want %q", i+1, name, got, want)
+			}
+		}
+		id := d.Header.Get("Message-ID")
+		if !strings.HasPrefix(id, "<") || !strings.HasSuffix(id, "@example.org>") || ids[id] {
+			t.Errorf("report %d Message-ID %q (repeated: %v)", i+1, id, ids[id])
+		}
+		ids[id] = true
+		if d.From != "" || len(d.Rcpts) != 1 || d.Rcpts[0] != "s@example.org" {
+			t.Errorf("report %d envelope %q -> %v", i+1, d.From, d.Rcpts)
 		}
 	}
 }
