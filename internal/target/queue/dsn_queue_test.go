@@ -1028,3 +1028,43 @@ func TestDelayReportNotRepeatedAfterRestart(t *testing.T) {
 		t.Fatalf("reports %v", acts)
 	}
 }
+
+// TestReceivedFromMTA: the client's HELO name is reported unless the
+// endpoint asked not to trace the sender.
+func TestReceivedFromMTA(t *testing.T) {
+	for _, dontTrace := range []bool{false, true} {
+		t.Run(fmt.Sprintf("DontTraceSender=%v", dontTrace), func(t *testing.T) {
+			h := newHarness(t)
+			h.target.Rcpt = func(int, string) error { return perm550 }
+			ctx := t.Context()
+			meta := &module.MsgMetadata{ID: "m1", DontTraceSender: dontTrace,
+				Conn: &module.ConnState{Hostname: "client.example.net"}}
+			d, err := h.q.Start(ctx, meta, "s@example.org")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := d.AddRcpt(ctx, "a@x.test", smtp.RcptOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Body(ctx, testHeader(), testBuffer()); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Commit(ctx); err != nil {
+				t.Fatal(err)
+			}
+			h.waitAttempts(1)
+			reps := h.reports()
+			if len(reps) != 1 {
+				t.Fatalf("%d reports", len(reps))
+			}
+			r := parseReport(t, reps[0])
+			got, ok := r.perMessage["Received-From-MTA"]
+			if ok == dontTrace || (ok && got != "dns; client.example.net") {
+				t.Fatalf("Received-From-MTA %q (present %v)", got, ok)
+			}
+			if r.perMessage["Reporting-MTA"] != "dns; mx.example.org" || r.perMessage["Arrival-Date"] != t0.Format(time.RFC1123Z) {
+				t.Fatalf("per-message fields %v", r.perMessage)
+			}
+		})
+	}
+}
