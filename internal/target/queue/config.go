@@ -11,6 +11,7 @@ import (
 	modconfig "github.com/foxcpp/maddy/framework/config/module"
 	"github.com/foxcpp/maddy/framework/module"
 
+	"github.com/maddy-spool/spool/internal/dsn"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 )
 
@@ -29,6 +30,9 @@ type settings struct {
 	// minFreeSpace is the free space (bytes) under the location below
 	// which new mail is refused with 452; 0 disables the check.
 	minFreeSpace uint64
+	// returnSizeLimit is the largest original (header and body) a RET=FULL
+	// failure report returns whole; larger ones get their header only.
+	returnSizeLimit int64
 }
 
 // configure reads the target.spool block. It is a superset of maddy's
@@ -93,6 +97,14 @@ func (q *Queue) configure(cfg *config.Map) error {
 	cfg.String("dsn_display_name", false, false, "Mail Delivery System", &s.dsnDisplayName)
 	durationDirective(cfg, "delay_warning", 4*time.Hour, true, &s.delayWarning)
 	durationDirective(cfg, "shutdown_timeout", 10*time.Second, false, &s.shutdownTimeout)
+	cfg.Custom("dsn_return_size_limit", false, false, func() (interface{}, error) { return int64(dsn.DefaultMaxFullSize), nil },
+		func(_ *config.Map, n config.Node) (interface{}, error) {
+			size, err := config.ParseDataSize(strings.Join(n.Args, " "))
+			if err != nil || size <= 0 {
+				return nil, config.NodeErr(n, "dsn_return_size_limit: %q is not a positive size, e.g. 10M or 512K", strings.Join(n.Args, " "))
+			}
+			return int64(size), nil
+		}, &s.returnSizeLimit)
 	cfg.Custom("success_action", false, false, func() (interface{}, error) { return "auto", nil },
 		func(_ *config.Map, n config.Node) (interface{}, error) {
 			if len(n.Args) != 1 || (n.Args[0] != "auto" && n.Args[0] != "delivered" && n.Args[0] != "relayed") {

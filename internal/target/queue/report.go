@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -112,6 +113,13 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 		return false
 	}
 	metrics.DSNsNotSent.WithLabelValues(q.label(), metrics.ReasonReportError).Inc()
+	var invalid invalidReportError
+	if errors.As(err, &invalid) {
+		// Trying again would build the same report: give it up now.
+		q.Log.Error("cannot build DSN, not sending it", err, "queue_id", m.ID.String(), "msg_id", m.MsgID)
+		markAll()
+		return false
+	}
 	q.Log.Error("cannot hand DSN to the bounce pipeline", err, "queue_id", m.ID.String(), "msg_id", m.MsgID)
 	failureOwed := false
 	for _, kind := range owed {
@@ -138,7 +146,6 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 
 	rep := dsn.Report{
 		ReportingMTA:     q.cfg.hostname,
-		EnvelopeID:       dsn.EncodeXtext(m.MailOpts.EnvelopeID),
 		ArrivalDate:      m.Arrival,
 		FromDisplayName:  q.cfg.dsnDisplayName,
 		FromAddress:      "MAILER-DAEMON@" + q.cfg.autogenDomain,
@@ -148,6 +155,14 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 		OriginalHeader:   origHeader,
 		OriginalBodySize: m.BodyLen,
 		OriginalBody7Bit: m.MailOpts.Body == "" || strings.EqualFold(m.MailOpts.Body, string(smtp.Body7Bit)),
+		MaxFullSize:      q.cfg.returnSizeLimit,
+	}
+	if id := m.MailOpts.EnvelopeID; id != "" {
+		if printableASCII(id) {
+			rep.EnvelopeID = dsn.EncodeXtext(id)
+		} else {
+			q.Log.Msg("ENVID is not printable ASCII, leaving it out of the DSN", "queue_id", m.ID.String(), "msg_id", m.MsgID)
+		}
 	}
 	if !m.DontTraceSender {
 		rep.ReceivedFromMTA = m.Conn.Hostname
@@ -171,8 +186,16 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 		rep.OriginalBody = body
 	}
 	req, err := rep.Requirements()
+	if err != nil && rep.EnvelopeID != "" {
+		// The ENVID is the one field taken from the client that the
+		// generator can still refuse (e.g. for its length): the sender
+		// is better told without it than not at all.
+		q.Log.Error("ENVID unusable in a DSN, leaving it out", err, "queue_id", m.ID.String(), "msg_id", m.MsgID)
+		rep.EnvelopeID = ""
+		req, err = rep.Requirements()
+	}
 	if err != nil {
-		return err
+		return invalidReportError{err}
 	}
 
 	buf, hdr, err := q.renderReport(rep, m.Size())
@@ -224,10 +247,14 @@ func reportTo(m *store.Message) string {
 
 func (q *Queue) reportRecipient(m *store.Message, r *store.Rcpt, kind uint8) dsn.Recipient {
 	out := dsn.Recipient{
-		OriginalRecipientType: r.OrigType,
-		OriginalRecipient:     r.Orig,
-		FinalRecipient:        r.Addr,
-		LastAttemptDate:       r.LastAttempt,
+		FinalRecipient:  r.Addr,
+		LastAttemptDate: r.LastAttempt,
+	}
+	// RFC 3461 defines only these ORCPT address types; go-smtp accepts only
+	// them, but the module API passes anything on.
+	switch strings.ToLower(r.OrigType) {
+	case "", "rfc822", "utf-8":
+		out.OriginalRecipientType, out.OriginalRecipient = r.OrigType, r.Orig
 	}
 	switch kind {
 	case reportedFailure:
@@ -276,4 +303,22 @@ func (q *Queue) renderReport(rep dsn.Report, origSize int64) (buffer.Buffer, tex
 		return nil, textproto.Header{}, err
 	}
 	return buffer.FileBuffer{Path: f.Name()}, hdr, nil
+}
+
+// invalidReportError is a report the generator refuses for this message:
+// building it again would fail the same way.
+type invalidReportError struct{ err error }
+
+func (e invalidReportError) Error() string { return e.err.Error() }
+func (e invalidReportError) Unwrap() error { return e.err }
+
+// printableASCII reports whether s has only printable US-ASCII, the
+// characters RFC 3461 allows in an ENVID.
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
 }
