@@ -117,6 +117,59 @@ func changeCommand(op admin.Op, usage string) *cli.Command {
 	}
 }
 
+// positionalArgs returns the command's arguments that are not flags.
+// urfave/cli stops reading flags at the first argument, so in
+// `maddy spool show ID --json` it would take "--json" for an ID; flags
+// found among the arguments are applied here instead, as operators used
+// to mailq and postsuper expect. "--" ends the flags.
+func positionalArgs(c *cli.Context) ([]string, error) {
+	var pos []string
+	args := c.Args().Slice()
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i+1:]...)
+			break
+		}
+		if len(a) < 2 || a[0] != '-' {
+			pos = append(pos, a)
+			continue
+		}
+		name, value, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		fl := commandFlag(c.Command, name)
+		if fl == nil {
+			return nil, fmt.Errorf("flag provided but not defined: %s", a)
+		}
+		if _, isBool := fl.(*cli.BoolFlag); isBool {
+			if !hasValue {
+				value = "true"
+			}
+		} else if !hasValue {
+			if i+1 == len(args) {
+				return nil, fmt.Errorf("flag needs an argument: %s", a)
+			}
+			i++
+			value = args[i]
+		}
+		if err := c.Set(fl.Names()[0], value); err != nil {
+			return nil, fmt.Errorf("%s: %w", a, err)
+		}
+	}
+	return pos, nil
+}
+
+// commandFlag finds one of cmd's flags by any of its names.
+func commandFlag(cmd *cli.Command, name string) cli.Flag {
+	for _, fl := range cmd.Flags {
+		for _, n := range fl.Names() {
+			if n == name {
+				return fl
+			}
+		}
+	}
+	return nil
+}
+
 // filterFrom builds the filter from the arguments and flags.
 func filterFrom(c *cli.Context) (admin.Filter, error) {
 	f := admin.Filter{From: c.String("from"), To: c.String("to")}
@@ -131,7 +184,11 @@ func filterFrom(c *cli.Context) (admin.Filter, error) {
 		}
 		f.OlderThan = d
 	}
-	for _, a := range c.Args().Slice() {
+	args, err := positionalArgs(c)
+	if err != nil {
+		return f, err
+	}
+	for _, a := range args {
 		id, err := store.ParseID(a)
 		if err != nil {
 			return f, err
@@ -194,11 +251,12 @@ func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st stor
 }
 
 func spoolList(c *cli.Context) error {
-	setup, err := loadSpoolSetup(c)
+	// Flags after the IDs are applied by filterFrom: read them first.
+	f, err := filterFrom(c)
 	if err != nil {
 		return err
 	}
-	f, err := filterFrom(c)
+	setup, err := loadSpoolSetup(c)
 	if err != nil {
 		return err
 	}
@@ -221,13 +279,17 @@ func spoolList(c *cli.Context) error {
 }
 
 func spoolShow(c *cli.Context) error {
-	if c.NArg() != 1 {
+	args, err := positionalArgs(c)
+	if err != nil {
+		return err
+	}
+	if len(args) != 1 {
 		return errors.New("show takes exactly one message ID")
 	}
 	if c.Bool("json") && c.Bool("body") {
 		return errors.New("--body prints raw content: use it without --json")
 	}
-	id, err := store.ParseID(c.Args().First())
+	id, err := store.ParseID(args[0])
 	if err != nil {
 		return err
 	}

@@ -126,6 +126,14 @@ func instanceOf(n parser.Node, top bool, stateDir string) (spoolInstance, string
 	if inst.name == "" {
 		inst.name = "inline:" + inst.location
 	}
+	// The server runs in its state directory, so relative paths in the
+	// configuration are relative to it, not to where this command runs.
+	if inst.location != "" && !filepath.IsAbs(inst.location) {
+		inst.location = filepath.Join(stateDir, inst.location)
+	}
+	if socket != "" && !filepath.IsAbs(socket) {
+		socket = filepath.Join(stateDir, socket)
+	}
 	return inst, socket
 }
 
