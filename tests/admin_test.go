@@ -757,7 +757,7 @@ func TestSpoolAdmin(t *testing.T) {
 		}
 		r := e.spoolOK("list")
 		mustContain(t, "offline list stderr", r.stderr, "not running", "read-only")
-		mustContain(t, "offline list", r.stdout, id4, "gina@b.example", "hank@x.test  (3 tries)", "-- 1 messages, 1 recipients pending")
+		mustContain(t, "offline list", r.stdout, id4, "gina@b.example", "hank@x.test  (3 tries)", "-- 1 message, 1 recipient pending")
 		if got := idsOf(e.listJSON("--to", "@x.test")); strings.Join(got, ",") != id4 {
 			t.Errorf("offline list --json --to @x.test = %v", got)
 		}
@@ -767,7 +767,7 @@ func TestSpoolAdmin(t *testing.T) {
 		if body := e.spoolOK("show", "--body", id4).stdout; body != testBody(msgs[3].id) {
 			t.Errorf("offline show --body = %q", body)
 		}
-		mustContain(t, "offline stats", e.spoolOK("stats").stdout, "1 messages")
+		mustContain(t, "offline stats", e.spoolOK("stats").stdout, "1 message (")
 
 		for _, verb := range []string{"hold", "retry", "release", "delete", "bounce"} {
 			r := e.spool(verb, id4)

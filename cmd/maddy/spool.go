@@ -239,7 +239,9 @@ func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st stor
 		}
 		st, err := store.OpenDir(inst.location, store.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
 		if err != nil {
-			return fmt.Errorf("instance %s: %w", inst.name, err)
+			// A running server holds the lock; it is then reachable only
+			// on another socket, or not at all (admin_socket off).
+			return fmt.Errorf("instance %s: %w (if maddy is running, its control socket is elsewhere: --socket, or admin_socket off in its configuration)", inst.name, err)
 		}
 		err = fn(inst.name, st)
 		st.Close()
@@ -435,7 +437,7 @@ func spoolChange(c *cli.Context, op admin.Op) error {
 
 func changeErr(op admin.Op, setup *spoolSetup, err error) error {
 	if errors.Is(err, admin.ErrServerDown) {
-		return fmt.Errorf("%s: maddy is not running (nothing listens on %s); changes are made by the running server. Start it, or name its socket with --socket", op, setup.socket)
+		return fmt.Errorf("%s: no server listens on %s: maddy is not running, or runs with another socket (--socket) or with admin_socket off; changes are made by the running server", op, setup.socket)
 	}
 	return fmt.Errorf("%s: %w", op, err)
 }

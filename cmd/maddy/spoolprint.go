@@ -108,8 +108,16 @@ func (p *listPrinter) finish() error {
 		_, err := fmt.Fprintln(p.w, "no messages queued")
 		return err
 	}
-	_, err := fmt.Fprintf(p.w, "-- %d messages, %d recipients pending\n", p.messages, p.recipients)
+	_, err := fmt.Fprintf(p.w, "-- %s, %s pending\n", plural(p.messages, "message"), plural(p.recipients, "recipient"))
 	return err
+}
+
+// plural says "1 message" or "2 messages".
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 func printDetail(w io.Writer, d *admin.Detail) error {
@@ -191,7 +199,7 @@ func printDetail(w io.Writer, d *admin.Detail) error {
 
 func printStats(w io.Writer, s admin.Stats) error {
 	fmt.Fprintf(w, "== %s\n", clean(s.Instance, 200))
-	fmt.Fprintf(w, "%d messages (%d bytes), %d recipients pending\n", s.Messages, s.Bytes, s.Recipients)
+	fmt.Fprintf(w, "%s (%d bytes), %s pending\n", plural(s.Messages, "message"), s.Bytes, plural(s.Recipients, "recipient"))
 	fmt.Fprintf(w, "held %d, new %d, deferred %d, being attempted %d\n", s.Held, s.New, s.Deferred, s.InFlight)
 	if s.Messages > 0 {
 		fmt.Fprintf(w, "oldest arrived %s UTC, %s ago\n", when(s.OldestArrival), (time.Duration(s.OldestAge) * time.Second).String())

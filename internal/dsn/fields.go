@@ -111,7 +111,11 @@ func cleanAddress(s string) string {
 // cleanHost makes an MTA name safe: cleaned like text, with all spaces
 // removed, and bounded in length.
 func cleanHost(s string) string {
-	return truncate(strings.ReplaceAll(cleanText(s), " ", ""), maxHostLen)
+	// A host name has no spaces: whatever follows the first one (or the
+	// first control character, which cleanText turns into one) is not
+	// part of it.
+	host, _, _ := strings.Cut(strings.TrimSpace(cleanText(s)), " ")
+	return truncate(host, maxHostLen)
 }
 
 // asciiOnly replaces every non-ASCII character by "?".

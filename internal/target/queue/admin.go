@@ -133,9 +133,9 @@ func (q *Queue) describe(id store.ID) string {
 	case err != nil:
 		return "state unknown: " + err.Error()
 	case m.Held:
-		return fmt.Sprintf("held, %d recipients pending", len(m.Pending()))
+		return fmt.Sprintf("held, %d pending recipient(s)", len(m.Pending()))
 	default:
-		return fmt.Sprintf("queued, %d recipients pending, next attempt %s", len(m.Pending()), m.NextAttempt.UTC().Format(time.RFC3339))
+		return fmt.Sprintf("queued, %d pending recipient(s), next attempt %s", len(m.Pending()), m.NextAttempt.UTC().Format(time.RFC3339))
 	}
 }
 

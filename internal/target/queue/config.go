@@ -115,14 +115,13 @@ func (q *Queue) configure(cfg *config.Map) error {
 	cfg.String("admin_socket", false, false, "", &s.adminSocket)
 	cfg.Custom("min_free_space", false, false, func() (interface{}, error) { return uint64(defaultMinFreeSpace), nil },
 		func(_ *config.Map, n config.Node) (interface{}, error) {
-			if len(n.Args) != 1 {
-				return nil, config.NodeErr(n, "min_free_space: want one size, e.g. 100M or 0 to disable")
+			// maddy's size syntax, as in max_message_size: 100M, 1G 512M;
+			// 0 disables the check.
+			v, err := config.ParseDataSize(strings.Join(n.Args, " "))
+			if err != nil || len(n.Args) == 0 {
+				return nil, config.NodeErr(n, "min_free_space: %q is not a size, e.g. 100M or 2G (0 disables)", strings.Join(n.Args, " "))
 			}
-			v, err := parseSize(n.Args[0])
-			if err != nil {
-				return nil, config.NodeErr(n, "min_free_space: %v", err)
-			}
-			return v, nil
+			return uint64(v), nil
 		}, &s.minFreeSpace)
 	cfg.Custom("bounce", false, false, nil, func(_ *config.Map, n config.Node) (interface{}, error) {
 		return &n, nil

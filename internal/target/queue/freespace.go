@@ -2,8 +2,6 @@ package queue
 
 import (
 	"fmt"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"github.com/foxcpp/maddy/framework/exterrors"
@@ -60,35 +58,4 @@ func (q *Queue) checkFreeSpace(size int64) error {
 		Err:          fmt.Errorf("%d bytes free under %s, %d needed for the message and min_free_space %d", free, q.location, size, q.cfg.minFreeSpace),
 		Misc:         map[string]interface{}{"free_bytes": free},
 	}
-}
-
-// parseSize reads a byte count with an optional binary suffix: 512, 64K,
-// 100M, 2G, 1T (K/KB/KiB all mean 1024). "0" is allowed.
-func parseSize(s string) (uint64, error) {
-	t := strings.ToUpper(strings.TrimSpace(s))
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
-	shift := 0
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K':
-			shift = 10
-		case 'M':
-			shift = 20
-		case 'G':
-			shift = 30
-		case 'T':
-			shift = 40
-		}
-		if shift != 0 {
-			t = t[:n-1]
-		}
-	}
-	v, err := strconv.ParseUint(t, 10, 64)
-	if err != nil || t == "" {
-		return 0, fmt.Errorf("%q is not a size (e.g. 512M, 2G)", s)
-	}
-	if v > (^uint64(0))>>shift {
-		return 0, fmt.Errorf("%q is too large", s)
-	}
-	return v << shift, nil
 }

@@ -68,30 +68,23 @@ func TestMinFreeSpaceStatfsErrorDoesNotRefuse(t *testing.T) {
 	}
 }
 
-func TestParseSize(t *testing.T) {
+func TestMinFreeSpaceDirective(t *testing.T) {
 	for _, tc := range []struct {
-		in   string
+		arg  string
 		want uint64
-		ok   bool
 	}{
-		{"0", 0, true},
-		{"512", 512, true},
-		{"64K", 64 << 10, true},
-		{"100M", 100 << 20, true},
-		{"100MB", 100 << 20, true},
-		{"100MiB", 100 << 20, true},
-		{"2g", 2 << 30, true},
-		{"1T", 1 << 40, true},
-		{"", 0, false},
-		{"M", 0, false},
-		{"-1M", 0, false},
-		{"1.5G", 0, false},
-		{"lots", 0, false},
-		{"99999999999999T", 0, false},
+		{"0", 0},
+		{"512M", 512 << 20},
+		{"2G", 2 << 30},
+		{"1G 512M", 1<<30 + 512<<20},
+		{"4096B", 4096},
 	} {
-		got, err := parseSize(tc.in)
-		if (err == nil) != tc.ok || got != tc.want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d, ok=%v", tc.in, got, err, tc.want, tc.ok)
+		q, err := configureFromText(t, "target dummy\nmin_free_space "+tc.arg)
+		if err != nil {
+			t.Fatalf("min_free_space %s: %v", tc.arg, err)
+		}
+		if q.cfg.minFreeSpace != tc.want {
+			t.Errorf("min_free_space %s = %d, want %d", tc.arg, q.cfg.minFreeSpace, tc.want)
 		}
 	}
 }

@@ -168,7 +168,17 @@ func (h *harness) waitAttempts(n int) {
 // advance moves the clock once the scheduler is asleep, so the move is
 // seen by the scheduler's timer.
 func (h *harness) advance(d time.Duration) {
-	h.clock.WaitTimers(1)
+	h.t.Helper()
+	asleep := make(chan struct{})
+	go func() {
+		h.clock.WaitTimers(1)
+		close(asleep)
+	}()
+	select {
+	case <-asleep:
+	case <-time.After(20 * time.Second):
+		h.t.Fatal("the scheduler never waited for a timer (is the queue empty?)")
+	}
 	h.clock.Advance(d)
 }
 
