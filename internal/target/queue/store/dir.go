@@ -234,11 +234,21 @@ func checkFormat(info *bolt.Bucket) error {
 	if info == nil {
 		return errors.New("store: queue database has no format marker (not a Spool queue?)")
 	}
-	v := info.Get(keyFormat)
-	if len(v) != 1 || v[0] != dbFormat {
-		return fmt.Errorf("store: queue database format %v is not %d (written by another Spool version); refusing to touch it", v, dbFormat)
+	return checkFormatValue(info.Get(keyFormat))
+}
+
+// checkFormatValue checks the value of the format key in the info bucket.
+func checkFormatValue(v []byte) error {
+	if len(v) == 1 && v[0] == dbFormat {
+		return nil
 	}
-	return nil
+	if len(v) == 0 {
+		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+	}
+	if len(v) != 1 {
+		return fmt.Errorf("store: queue database format marker of %d bytes, want 1 (not a Spool queue?); refusing to touch it", len(v))
+	}
+	return fmt.Errorf("store: queue database format %d is not %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
 }
 
 // initNextID continues after the highest ID ever used by an entry, a

@@ -80,19 +80,31 @@ func (id ID) String() string {
 // separator or ".." into a file name.
 func ParseID(s string) (ID, error) {
 	if len(s) == 0 || len(s) > 16 {
-		return 0, fmt.Errorf("invalid message ID %q: want 1 to 16 hexadecimal digits", s)
+		return 0, fmt.Errorf("invalid message ID %s: want 1 to 16 hexadecimal digits", quoteShort(s))
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return 0, fmt.Errorf("invalid message ID %q: want 1 to 16 hexadecimal digits", s)
+			return 0, fmt.Errorf("invalid message ID %s: want 1 to 16 hexadecimal digits", quoteShort(s))
 		}
 	}
 	v, err := strconv.ParseUint(s, 16, 64)
 	if err != nil || v == 0 {
-		return 0, fmt.Errorf("invalid message ID %q", s)
+		return 0, fmt.Errorf("invalid message ID %q: zero is never used", s)
 	}
 	return ID(v), nil
+}
+
+// maxQuoted bounds how much of a rejected input an error message repeats,
+// so hostile input (an admin argument, a file name) cannot flood the log.
+const maxQuoted = 40
+
+// quoteShort quotes s for an error message, cut to maxQuoted bytes.
+func quoteShort(s string) string {
+	if len(s) <= maxQuoted {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(s[:maxQuoted]) + "..."
 }
 
 // RcptState is where one recipient of a message stands.
