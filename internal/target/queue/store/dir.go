@@ -160,6 +160,12 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	}
 	d.db = db
 
+	if !d.readOnly {
+		if err := d.syncNames(); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
 	if err := d.initBuckets(); err != nil {
 		db.Close()
 		return nil, err
@@ -178,6 +184,23 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		go d.commitLoop()
 	}
 	return d, nil
+}
+
+// syncNames makes the names of the store's directory, queue.db, bodies/ and
+// quarantine/ durable: a directory entry is durable only once the directory
+// holding it is fsynced, and neither mkdir nor bbolt's creation of its file
+// does that. Without it, a power loss soon after the first start could lose
+// the whole queue even though every commit was fsynced.
+func (d *Dir) syncNames() error {
+	if err := d.fs.SyncDir(filepath.Dir(d.path)); err != nil {
+		// The parent may not be readable by this user; the store's own
+		// entries below matter more, so carry on.
+		d.logf("store: fsync of %s: %v", filepath.Dir(d.path), err)
+	}
+	if err := d.fs.SyncDir(d.path); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	return nil
 }
 
 func isDamagedDB(err error) bool {
@@ -202,6 +225,15 @@ func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Durati
 	for _, e := range entries {
 		_ = d.fs.Rename(filepath.Join(d.bodiesDir(), e.Name()),
 			filepath.Join(d.quarantineDir(), e.Name()+".damaged-"+stamp))
+	}
+	// The moves must be durable before the new, empty database is: else a
+	// power loss could leave the content files in bodies/ next to a
+	// database that does not know them, and they would be removed as
+	// orphans.
+	for _, dir := range []string{d.quarantineDir(), d.bodiesDir(), d.path} {
+		if err := d.fs.SyncDir(dir); err != nil {
+			return nil, fmt.Errorf("%v; moving it aside: %w", openErr, err)
+		}
 	}
 	d.logf("store: %s could not be opened (%v); moved it to %s and %d content files to %s; starting with an empty queue",
 		dbPath, openErr, aside, len(entries), d.quarantineDir())
@@ -293,12 +325,24 @@ func (d *Dir) removeOrphans() error {
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	return d.db.View(func(tx *bolt.Tx) error {
-		meta := tx.Bucket(bucketMeta)
+	moved := 0
+	err = d.db.View(func(tx *bolt.Tx) error {
+		meta, quar := tx.Bucket(bucketMeta), tx.Bucket(bucketQuarantine)
 		for _, e := range entries {
 			name := e.Name()
 			id, perr := ParseID(name)
 			if perr == nil && meta.Get(idKey(id)) != nil {
+				continue
+			}
+			if perr == nil && quar.Get(idKey(id)) != nil {
+				// Quarantined, but the move of its content file did not
+				// happen or was lost in a crash: finish it, never delete.
+				if err := d.fs.Rename(filepath.Join(d.bodiesDir(), name), filepath.Join(d.quarantineDir(), name)); err != nil {
+					d.logf("store: moving content file %s of quarantined entry to %s: %v", name, d.quarantineDir(), err)
+				} else {
+					d.logf("store: moved content file %s of quarantined entry to %s", name, d.quarantineDir())
+					moved++
+				}
 				continue
 			}
 			if perr != nil && !strings.HasSuffix(name, ".tmp") {
@@ -312,6 +356,10 @@ func (d *Dir) removeOrphans() error {
 		}
 		return nil
 	})
+	if err == nil && moved > 0 {
+		err = d.fs.SyncDir(d.quarantineDir())
+	}
+	return err
 }
 
 func (d *Dir) bodiesDir() string     { return filepath.Join(d.path, "bodies") }
@@ -476,7 +524,12 @@ func (d *Dir) afterCommit(o *op) {
 	case opDelete:
 		err = d.fs.Remove(src)
 	case opQuarantine:
+		// The quarantine record is committed; if this move is lost in a
+		// crash, the next OpenDir finishes it (see removeOrphans).
 		err = d.fs.Rename(src, filepath.Join(d.quarantineDir(), o.id.String()))
+		if err == nil {
+			err = d.fs.SyncDir(d.quarantineDir())
+		}
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		// The entry is gone from the database; the file is now an orphan

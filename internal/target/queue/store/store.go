@@ -20,6 +20,11 @@
 //
 // # Durability contract
 //
+// OpenDir fsyncs the store's directory and the one above it, so that the
+// names queue.db, bodies/ and quarantine/ (and the store directory itself,
+// when OpenDir created it) are durable before anything is stored: a name
+// in a directory survives power loss only once that directory is fsynced.
+//
 // When Create returns nil, the message survives kill -9 and power loss:
 //
 //  1. a large message's content file is written and fsynced, then
@@ -45,7 +50,16 @@
 // Entries that cannot be decoded (damaged bytes, a newer entry format) are
 // never deleted: they are moved to the quarantine bucket together with the
 // reason, their content file is moved to quarantine/, the error is logged by
-// the caller and counted, and the rest of the queue carries on.
+// the caller and counted, and the rest of the queue carries on. The move of
+// the file follows the commit of the quarantine record; if a crash loses
+// the move, Open finishes it instead of removing the file as an orphan.
+// When queue.db itself cannot be opened, it and every content file are
+// moved aside (and those moves fsynced) before a new, empty database is
+// created.
+//
+// The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9)
+// and TestPowerLoss, which runs the store on a FUSE file system that drops
+// everything not fsynced at random points (internal/testutils/lazyfs).
 package store
 
 import (
