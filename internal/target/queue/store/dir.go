@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -144,11 +145,15 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	}
 
 	dbPath := filepath.Join(path, "queue.db")
-	db, err := bolt.Open(dbPath, 0o600, &bolt.Options{
-		Timeout:      timeout,
-		ReadOnly:     d.readOnly,
-		FreelistType: bolt.FreelistMapType,
-	})
+	var db *bolt.DB
+	err := checkBoltFile(dbPath)
+	if err == nil {
+		db, err = bolt.Open(dbPath, 0o600, &bolt.Options{
+			Timeout:      timeout,
+			ReadOnly:     d.readOnly,
+			FreelistType: bolt.FreelistMapType,
+		})
+	}
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("store: %s is locked by another process (is another maddy running on this queue?)", dbPath)
 	}
@@ -204,8 +209,8 @@ func (d *Dir) syncNames() error {
 }
 
 func isDamagedDB(err error) bool {
-	return errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) ||
-		errors.Is(err, berrors.ErrVersionMismatch)
+	return errors.Is(err, errDamagedDB) || errors.Is(err, berrors.ErrInvalid) ||
+		errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch)
 }
 
 // recoverDamagedDB moves a database bbolt cannot open aside, together with
@@ -706,23 +711,29 @@ func (d *Dir) Content(m *Message) (Content, error) {
 	f, err := d.fs.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return Content{}, d.corrupt(m.ID, errors.New("content file is missing"))
+			return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is missing", path))
+		}
+		if errors.Is(err, syscall.ELOOP) {
+			return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is a symlink; not followed", path))
 		}
 		return Content{}, fmt.Errorf("store: %w", err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
-	if err == nil && fi.Size() != m.Size() {
-		err = d.corrupt(m.ID, fmt.Errorf("content file is %d bytes, metadata says %d", fi.Size(), m.Size()))
-	}
-	header := make([]byte, m.HeaderLen)
-	if err == nil {
-		if _, err = io.ReadFull(f, header); err != nil {
-			err = fmt.Errorf("store: reading content: %w", err)
-		}
-	}
 	if err != nil {
-		return Content{}, err
+		return Content{}, fmt.Errorf("store: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is not a regular file (%v)", path, fi.Mode().Type()))
+	}
+	if fi.Size() != m.Size() {
+		return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is %d bytes, metadata says %d", path, fi.Size(), m.Size()))
+	}
+	// Allocated only now: the length is backed by the file's real size,
+	// not just by what the metadata claims.
+	header := make([]byte, m.HeaderLen)
+	if _, err = io.ReadFull(f, header); err != nil {
+		return Content{}, fmt.Errorf("store: reading content: %w", err)
 	}
 	return Content{Header: header, Body: fileBody{fs: d.fs, path: path, off: m.HeaderLen, n: m.BodyLen}}, nil
 }

@@ -53,9 +53,17 @@
 // the caller and counted, and the rest of the queue carries on. The move of
 // the file follows the commit of the quarantine record; if a crash loses
 // the move, Open finishes it instead of removing the file as an orphan.
-// When queue.db itself cannot be opened, it and every content file are
-// moved aside (and those moves fsynced) before a new, empty database is
-// created.
+// When queue.db itself cannot be opened (garbage, empty, or shorter than
+// its own meta page says, which bbolt would meet as SIGBUS), it and every
+// content file are moved aside (and those moves fsynced) before a new,
+// empty database is created.
+//
+// Content files are opened without following symlinks and must be regular
+// files of exactly the size the metadata gives; anything else is damage
+// and quarantines the entry, so a file planted in bodies/ can never be
+// served as message content. Files in bodies/ whose names are not IDs are
+// left alone (and logged); removal and quarantine act on a symlink itself,
+// never on its target.
 //
 // The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9)
 // and TestPowerLoss, which runs the store on a FUSE file system that drops
