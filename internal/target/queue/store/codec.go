@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -34,7 +35,7 @@ func decodeMeta(id ID, b []byte) (*Message, error) {
 	env := metaEnvelope{Message: &Message{}}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	if err := dec.Decode(&env); err != nil {
-		return nil, fmt.Errorf("metadata: %w", err)
+		return nil, fmt.Errorf("metadata: %w", shortError{err})
 	}
 	if dec.More() {
 		return nil, errors.New("metadata: trailing data")
@@ -50,6 +51,28 @@ func decodeMeta(id ID, b []byte) (*Message, error) {
 	return m, nil
 }
 
+// maxErrText bounds the text of a decoding error. encoding/json and time
+// repeat the offending literal, which in a damaged entry can be megabytes;
+// the error goes to the log and the quarantine record.
+const maxErrText = 200
+
+// shortError cuts the message of the error it wraps to maxErrText bytes.
+type shortError struct{ err error }
+
+func (e shortError) Error() string {
+	s := e.err.Error()
+	if len(s) > maxErrText {
+		return strings.ToValidUTF8(s[:maxErrText], "") + "...(cut)"
+	}
+	return s
+}
+
+func (e shortError) Unwrap() error { return e.err }
+
+// maxContentLen bounds the header and body lengths in metadata, so that
+// their sum (Message.Size) cannot overflow. No real message comes near it.
+const maxContentLen = 1 << 40
+
 // validateMeta rejects decoded metadata that would make the queue misbehave.
 func validateMeta(m *Message) error {
 	if len(m.Rcpts) == 0 {
@@ -57,6 +80,9 @@ func validateMeta(m *Message) error {
 	}
 	if m.HeaderLen < 0 || m.BodyLen < 0 {
 		return errors.New("metadata: negative content length")
+	}
+	if m.HeaderLen > maxContentLen || m.BodyLen > maxContentLen {
+		return fmt.Errorf("metadata: content length %d+%d exceeds limit", m.HeaderLen, m.BodyLen)
 	}
 	if m.Arrival.IsZero() {
 		return errors.New("metadata: no arrival time")

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -144,11 +145,15 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	}
 
 	dbPath := filepath.Join(path, "queue.db")
-	db, err := bolt.Open(dbPath, 0o600, &bolt.Options{
-		Timeout:      timeout,
-		ReadOnly:     d.readOnly,
-		FreelistType: bolt.FreelistMapType,
-	})
+	var db *bolt.DB
+	err := checkBoltFile(dbPath)
+	if err == nil {
+		db, err = bolt.Open(dbPath, 0o600, &bolt.Options{
+			Timeout:      timeout,
+			ReadOnly:     d.readOnly,
+			FreelistType: bolt.FreelistMapType,
+		})
+	}
 	if errors.Is(err, berrors.ErrTimeout) {
 		return nil, fmt.Errorf("store: %s is locked by another process (is another maddy running on this queue?)", dbPath)
 	}
@@ -160,6 +165,12 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	}
 	d.db = db
 
+	if !d.readOnly {
+		if err := d.syncNames(); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
 	if err := d.initBuckets(); err != nil {
 		db.Close()
 		return nil, err
@@ -180,9 +191,26 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	return d, nil
 }
 
+// syncNames makes the names of the store's directory, queue.db, bodies/ and
+// quarantine/ durable: a directory entry is durable only once the directory
+// holding it is fsynced, and neither mkdir nor bbolt's creation of its file
+// does that. Without it, a power loss soon after the first start could lose
+// the whole queue even though every commit was fsynced.
+func (d *Dir) syncNames() error {
+	if err := d.fs.SyncDir(filepath.Dir(d.path)); err != nil {
+		// The parent may not be readable by this user; the store's own
+		// entries below matter more, so carry on.
+		d.logf("store: fsync of %s: %v", filepath.Dir(d.path), err)
+	}
+	if err := d.fs.SyncDir(d.path); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	return nil
+}
+
 func isDamagedDB(err error) bool {
-	return errors.Is(err, berrors.ErrInvalid) || errors.Is(err, berrors.ErrChecksum) ||
-		errors.Is(err, berrors.ErrVersionMismatch)
+	return errors.Is(err, errDamagedDB) || errors.Is(err, berrors.ErrInvalid) ||
+		errors.Is(err, berrors.ErrChecksum) || errors.Is(err, berrors.ErrVersionMismatch)
 }
 
 // recoverDamagedDB moves a database bbolt cannot open aside, together with
@@ -202,6 +230,15 @@ func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Durati
 	for _, e := range entries {
 		_ = d.fs.Rename(filepath.Join(d.bodiesDir(), e.Name()),
 			filepath.Join(d.quarantineDir(), e.Name()+".damaged-"+stamp))
+	}
+	// The moves must be durable before the new, empty database is: else a
+	// power loss could leave the content files in bodies/ next to a
+	// database that does not know them, and they would be removed as
+	// orphans.
+	for _, dir := range []string{d.quarantineDir(), d.bodiesDir(), d.path} {
+		if err := d.fs.SyncDir(dir); err != nil {
+			return nil, fmt.Errorf("%v; moving it aside: %w", openErr, err)
+		}
 	}
 	d.logf("store: %s could not be opened (%v); moved it to %s and %d content files to %s; starting with an empty queue",
 		dbPath, openErr, aside, len(entries), d.quarantineDir())
@@ -234,11 +271,21 @@ func checkFormat(info *bolt.Bucket) error {
 	if info == nil {
 		return errors.New("store: queue database has no format marker (not a Spool queue?)")
 	}
-	v := info.Get(keyFormat)
-	if len(v) != 1 || v[0] != dbFormat {
-		return fmt.Errorf("store: queue database format %v is not %d (written by another Spool version); refusing to touch it", v, dbFormat)
+	return checkFormatValue(info.Get(keyFormat))
+}
+
+// checkFormatValue checks the value of the format key in the info bucket.
+func checkFormatValue(v []byte) error {
+	if len(v) == 1 && v[0] == dbFormat {
+		return nil
 	}
-	return nil
+	if len(v) == 0 {
+		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+	}
+	if len(v) != 1 {
+		return fmt.Errorf("store: queue database format marker of %d bytes, want 1 (not a Spool queue?); refusing to touch it", len(v))
+	}
+	return fmt.Errorf("store: queue database format %d is not %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
 }
 
 // initNextID continues after the highest ID ever used by an entry, a
@@ -283,12 +330,24 @@ func (d *Dir) removeOrphans() error {
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	return d.db.View(func(tx *bolt.Tx) error {
-		meta := tx.Bucket(bucketMeta)
+	moved := 0
+	err = d.db.View(func(tx *bolt.Tx) error {
+		meta, quar := tx.Bucket(bucketMeta), tx.Bucket(bucketQuarantine)
 		for _, e := range entries {
 			name := e.Name()
 			id, perr := ParseID(name)
 			if perr == nil && meta.Get(idKey(id)) != nil {
+				continue
+			}
+			if perr == nil && quar.Get(idKey(id)) != nil {
+				// Quarantined, but the move of its content file did not
+				// happen or was lost in a crash: finish it, never delete.
+				if err := d.fs.Rename(filepath.Join(d.bodiesDir(), name), filepath.Join(d.quarantineDir(), name)); err != nil {
+					d.logf("store: moving content file %s of quarantined entry to %s: %v", name, d.quarantineDir(), err)
+				} else {
+					d.logf("store: moved content file %s of quarantined entry to %s", name, d.quarantineDir())
+					moved++
+				}
 				continue
 			}
 			if perr != nil && !strings.HasSuffix(name, ".tmp") {
@@ -302,6 +361,10 @@ func (d *Dir) removeOrphans() error {
 		}
 		return nil
 	})
+	if err == nil && moved > 0 {
+		err = d.fs.SyncDir(d.quarantineDir())
+	}
+	return err
 }
 
 func (d *Dir) bodiesDir() string     { return filepath.Join(d.path, "bodies") }
@@ -466,7 +529,12 @@ func (d *Dir) afterCommit(o *op) {
 	case opDelete:
 		err = d.fs.Remove(src)
 	case opQuarantine:
+		// The quarantine record is committed; if this move is lost in a
+		// crash, the next OpenDir finishes it (see removeOrphans).
 		err = d.fs.Rename(src, filepath.Join(d.quarantineDir(), o.id.String()))
+		if err == nil {
+			err = d.fs.SyncDir(d.quarantineDir())
+		}
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		// The entry is gone from the database; the file is now an orphan
@@ -643,23 +711,29 @@ func (d *Dir) Content(m *Message) (Content, error) {
 	f, err := d.fs.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return Content{}, d.corrupt(m.ID, errors.New("content file is missing"))
+			return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is missing", path))
+		}
+		if errors.Is(err, syscall.ELOOP) {
+			return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is a symlink; not followed", path))
 		}
 		return Content{}, fmt.Errorf("store: %w", err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
-	if err == nil && fi.Size() != m.Size() {
-		err = d.corrupt(m.ID, fmt.Errorf("content file is %d bytes, metadata says %d", fi.Size(), m.Size()))
-	}
-	header := make([]byte, m.HeaderLen)
-	if err == nil {
-		if _, err = io.ReadFull(f, header); err != nil {
-			err = fmt.Errorf("store: reading content: %w", err)
-		}
-	}
 	if err != nil {
-		return Content{}, err
+		return Content{}, fmt.Errorf("store: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is not a regular file (%v)", path, fi.Mode().Type()))
+	}
+	if fi.Size() != m.Size() {
+		return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is %d bytes, metadata says %d", path, fi.Size(), m.Size()))
+	}
+	// Allocated only now: the length is backed by the file's real size,
+	// not just by what the metadata claims.
+	header := make([]byte, m.HeaderLen)
+	if _, err = io.ReadFull(f, header); err != nil {
+		return Content{}, fmt.Errorf("store: reading content: %w", err)
 	}
 	return Content{Header: header, Body: fileBody{fs: d.fs, path: path, off: m.HeaderLen, n: m.BodyLen}}, nil
 }

@@ -3,6 +3,7 @@ package store
 import (
 	"io"
 	"os"
+	"syscall"
 )
 
 // FS is the seam through which the directory store touches content files
@@ -42,7 +43,17 @@ func (OSFS) CreateExcl(name string) (File, error) {
 	return os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 }
 
-func (OSFS) Open(name string) (ReadFile, error)         { return os.Open(name) }
+// Open opens a content file for reading. It does not follow a symlink
+// (a planted link must not make the store read, or serve as message
+// content, a file outside its directory) and does not block on a FIFO.
+func (OSFS) Open(name string) (ReadFile, error) {
+	return os.OpenFile(name, os.O_RDONLY|noFollow|syscall.O_NONBLOCK, 0)
+}
+
+// noFollow makes open fail on a symlink in the last path element.
+const noFollow = syscall.O_NOFOLLOW
+
+// Remove and Rename act on a symlink itself, never on what it points to.
 func (OSFS) Remove(name string) error                   { return os.Remove(name) }
 func (OSFS) Rename(oldName, newName string) error       { return os.Rename(oldName, newName) }
 func (OSFS) ReadDir(name string) ([]os.DirEntry, error) { return os.ReadDir(name) }

@@ -20,6 +20,11 @@
 //
 // # Durability contract
 //
+// OpenDir fsyncs the store's directory and the one above it, so that the
+// names queue.db, bodies/ and quarantine/ (and the store directory itself,
+// when OpenDir created it) are durable before anything is stored: a name
+// in a directory survives power loss only once that directory is fsynced.
+//
 // When Create returns nil, the message survives kill -9 and power loss:
 //
 //  1. a large message's content file is written and fsynced, then
@@ -45,7 +50,24 @@
 // Entries that cannot be decoded (damaged bytes, a newer entry format) are
 // never deleted: they are moved to the quarantine bucket together with the
 // reason, their content file is moved to quarantine/, the error is logged by
-// the caller and counted, and the rest of the queue carries on.
+// the caller and counted, and the rest of the queue carries on. The move of
+// the file follows the commit of the quarantine record; if a crash loses
+// the move, Open finishes it instead of removing the file as an orphan.
+// When queue.db itself cannot be opened (garbage, empty, or shorter than
+// its own meta page says, which bbolt would meet as SIGBUS), it and every
+// content file are moved aside (and those moves fsynced) before a new,
+// empty database is created.
+//
+// Content files are opened without following symlinks and must be regular
+// files of exactly the size the metadata gives; anything else is damage
+// and quarantines the entry, so a file planted in bodies/ can never be
+// served as message content. Files in bodies/ whose names are not IDs are
+// left alone (and logged); removal and quarantine act on a symlink itself,
+// never on its target.
+//
+// The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9)
+// and TestPowerLoss, which runs the store on a FUSE file system that drops
+// everything not fsynced at random points (internal/testutils/lazyfs).
 package store
 
 import (
@@ -80,19 +102,31 @@ func (id ID) String() string {
 // separator or ".." into a file name.
 func ParseID(s string) (ID, error) {
 	if len(s) == 0 || len(s) > 16 {
-		return 0, fmt.Errorf("invalid message ID %q: want 1 to 16 hexadecimal digits", s)
+		return 0, fmt.Errorf("invalid message ID %s: want 1 to 16 hexadecimal digits", quoteShort(s))
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return 0, fmt.Errorf("invalid message ID %q: want 1 to 16 hexadecimal digits", s)
+			return 0, fmt.Errorf("invalid message ID %s: want 1 to 16 hexadecimal digits", quoteShort(s))
 		}
 	}
 	v, err := strconv.ParseUint(s, 16, 64)
 	if err != nil || v == 0 {
-		return 0, fmt.Errorf("invalid message ID %q", s)
+		return 0, fmt.Errorf("invalid message ID %q: zero is never used", s)
 	}
 	return ID(v), nil
+}
+
+// maxQuoted bounds how much of a rejected input an error message repeats,
+// so hostile input (an admin argument, a file name) cannot flood the log.
+const maxQuoted = 40
+
+// quoteShort quotes s for an error message, cut to maxQuoted bytes.
+func quoteShort(s string) string {
+	if len(s) <= maxQuoted {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(s[:maxQuoted]) + "..."
 }
 
 // RcptState is where one recipient of a message stands.
