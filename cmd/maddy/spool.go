@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -469,7 +470,18 @@ func spoolImport(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	st, err := store.OpenDir(dir, store.DirOptions{LockTimeout: 2 * time.Second, ReadOnly: c.Bool("dry-run")})
+	dryRun := c.Bool("dry-run")
+	if _, err := os.Stat(filepath.Join(dir, "queue.db")); dryRun && errors.Is(err, os.ErrNotExist) {
+		// Nothing imported yet: a dry run checks against an empty store
+		// rather than create one in dir.
+		tmp, err := os.MkdirTemp("", "spool-import-dry-run-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(tmp)
+		dir, dryRun = tmp, false
+	}
+	st, err := store.OpenDir(dir, store.DirOptions{LockTimeout: 2 * time.Second, ReadOnly: dryRun})
 	if err != nil {
 		return fmt.Errorf("opening %s: %w (stop maddy before importing)", dir, err)
 	}
