@@ -36,6 +36,9 @@ const (
 //
 // Counts are 1-based, kept for the sink's lifetime, and compare addresses
 // case-insensitively.
+//
+// A line break (LF, CRLF or CR) in a reply's Message makes it a multi-line
+// reply, each line carrying the code and enhanced code.
 type SinkScript func(stage, from, rcpt string, attempt int) *smtp.SMTPError
 
 // SinkReply is shorthand for building a reply in scripts.
@@ -267,7 +270,7 @@ func StartSMTPSink(opts ...SinkOption) (*SMTPSink, error) {
 
 	go func() {
 		defer close(s.serveDone)
-		_ = srv.Serve(ln)
+		_ = srv.Serve(multilineListener{ln})
 	}()
 	return s, nil
 }
@@ -484,7 +487,7 @@ func (s *SMTPSink) reply(stage, from, rcpt string) *smtp.SMTPError {
 	if script == nil {
 		return nil
 	}
-	return script(stage, from, rcpt, attempt)
+	return replyText(script(stage, from, rcpt, attempt))
 }
 
 // accept runs the hook and records m; a non-nil result is the reply for
