@@ -28,17 +28,19 @@ const (
 )
 
 // attempt is run by the scheduler for each due message, at most
-// max_parallelism at once. It ends with q.finish, which hands the message
-// back to the scheduler after applying any operator request made while
-// the attempt ran.
-func (q *Queue) attempt(id store.ID) {
-	resched, due := q.attemptOnce(id)
+// max_parallelism at once; it calls delivered once the nested target is
+// done with the message, so the next delivery can start while the outcome
+// is being saved. It ends with q.finish, which hands the message back to
+// the scheduler after applying any operator request made while the
+// attempt ran.
+func (q *Queue) attempt(id store.ID, delivered func()) {
+	resched, due := q.attemptOnce(id, delivered)
 	q.finish(id, resched, due)
 }
 
 // attemptOnce runs the attempt and says whether and when the message is
 // due again.
-func (q *Queue) attemptOnce(id store.ID) (reschedule bool, due time.Time) {
+func (q *Queue) attemptOnce(id store.ID, delivered func()) (reschedule bool, due time.Time) {
 	m, wasDirty, err := q.load(id)
 	if err != nil {
 		return q.loadErrorDecision(id, err)
@@ -60,6 +62,7 @@ func (q *Queue) attemptOnce(id store.ID) (reschedule bool, due time.Time) {
 			return q.loadErrorDecision(id, err)
 		}
 	}
+	delivered()
 	return q.settle(m, pendingBefore)
 }
 

@@ -166,8 +166,8 @@ func (q *Queue) start(st store.Store) error {
 	}()
 	go func() {
 		defer close(q.runDone)
-		q.sched.Run(dispatchCtx, q.cfg.maxParallelism, func(id store.ID) {
-			q.attempt(id)
+		q.sched.Run(dispatchCtx, q.cfg.maxParallelism, func(id store.ID, delivered func()) {
+			q.attempt(id, delivered)
 			if q.onAttemptDone != nil {
 				q.onAttemptDone(id)
 			}

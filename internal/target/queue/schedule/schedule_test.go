@@ -104,7 +104,10 @@ func TestPolicyValidate(t *testing.T) {
 func runScheduler(t *testing.T, s *Scheduler, parallel int, fn func(store.ID)) context.CancelFunc {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { s.Run(ctx, parallel, fn); close(done) }()
+	go func() {
+		s.Run(ctx, parallel, func(id store.ID, _ func()) { fn(id) })
+		close(done)
+	}()
 	t.Cleanup(func() { cancel(); <-done })
 	return cancel
 }
@@ -259,5 +262,62 @@ func TestFinishReschedules(t *testing.T) {
 	}
 	if st, due := s.State(5); st != Scheduled || !due.Equal(t0.Add(time.Hour)) {
 		t.Fatalf("State = %v %v", st, due)
+	}
+}
+
+func TestDeliveredFreesSlotWithinSaveBound(t *testing.T) {
+	clock := NewFakeClock(t0)
+	s := New(clock)
+	const n = 20
+	for i := 1; i <= n; i++ {
+		s.Add(store.ID(i), t0)
+	}
+	var mu sync.Mutex
+	delivering, saving, maxDelivering, maxSaving := 0, 0, 0, 0
+	release := make(chan struct{})
+	started := make(chan store.ID, n)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		s.Run(ctx, 2, func(id store.ID, delivered func()) {
+			mu.Lock()
+			delivering++
+			maxDelivering = max(maxDelivering, delivering)
+			mu.Unlock()
+			started <- id
+			mu.Lock()
+			delivering--
+			saving++
+			maxSaving = max(maxSaving, saving)
+			mu.Unlock()
+			delivered()
+			delivered() // idempotent
+			<-release   // the save waits for the disk
+			mu.Lock()
+			saving--
+			mu.Unlock()
+			s.Finish(id, false, time.Time{})
+		})
+		close(done)
+	}()
+	// With every save stuck, dispatch stops after the 2 delivery slots and
+	// the 2*SavesPerSlot saves are taken.
+	want := 2 + 2*SavesPerSlot
+	for i := 0; i < want; i++ {
+		<-started
+	}
+	select {
+	case id := <-started:
+		t.Fatalf("message %v dispatched beyond the save bound", id)
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	for i := want; i < n; i++ {
+		<-started
+	}
+	cancel()
+	<-done
+	if maxDelivering > 2 || maxSaving > 2*SavesPerSlot+2 {
+		t.Fatalf("at most %d delivering and %d saving at once", maxDelivering, maxSaving)
 	}
 }

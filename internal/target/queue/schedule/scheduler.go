@@ -187,19 +187,31 @@ func (s *Scheduler) Finish(id store.ID, reschedule bool, due time.Time) Request 
 	return 0
 }
 
-// Run dispatches due messages to fn, each in its own goroutine, with at
-// most parallel running at once; a message is marked in flight before fn
-// is called and stays so until fn calls Finish. Run returns when ctx is
-// done and every fn it started has returned. fn must call Finish.
-func (s *Scheduler) Run(ctx context.Context, parallel int, fn func(id store.ID)) {
-	sem := make(chan struct{}, parallel)
+// SavesPerSlot bounds the attempts that have finished delivering and wait
+// for their outcome to be saved, as a multiple of the delivery limit.
+// Saves are group-committed: letting the next deliveries start while
+// earlier outcomes wait for the disk makes batches larger, so one fsync
+// covers many attempts. The bound keeps memory, and what a crash can
+// repeat, proportional to the delivery limit.
+const SavesPerSlot = 4
+
+// Run dispatches due messages to fn, each in its own goroutine. At most
+// parallel of them deliver at once: fn calls delivered when its delivery
+// is over and only its bookkeeping (saving, DSNs) is left, which frees its
+// slot for the next message; at most SavesPerSlot*parallel more may be in
+// that state. A message is marked in flight before fn is called and stays
+// so until fn calls Finish. Run returns when ctx is done and every fn it
+// started has returned. fn must call Finish.
+func (s *Scheduler) Run(ctx context.Context, parallel int, fn func(id store.ID, delivered func())) {
+	deliveries := make(chan struct{}, parallel)
+	saves := make(chan struct{}, SavesPerSlot*parallel)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		// Take a worker slot first: due messages stay in the heap (where
-		// operators can still act on them) until a worker is free.
+		// Take a delivery slot first: due messages stay in the heap (where
+		// operators can still act on them) until a slot is free.
 		select {
-		case sem <- struct{}{}:
+		case deliveries <- struct{}{}:
 		case <-ctx.Done():
 			return
 		}
@@ -209,8 +221,26 @@ func (s *Scheduler) Run(ctx context.Context, parallel int, fn func(id store.ID))
 		}
 		wg.Add(1)
 		go func() {
-			defer func() { <-sem; wg.Done() }()
-			fn(id)
+			saving := false
+			delivered := func() {
+				if saving {
+					return
+				}
+				// Wait for room among the saves before giving the delivery
+				// slot away: a slow disk slows dispatch down.
+				saves <- struct{}{}
+				saving = true
+				<-deliveries
+			}
+			defer func() {
+				if saving {
+					<-saves
+				} else {
+					<-deliveries
+				}
+				wg.Done()
+			}()
+			fn(id, delivered)
 		}()
 	}
 }
