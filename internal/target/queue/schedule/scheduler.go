@@ -205,8 +205,22 @@ const SavesPerSlot = 4
 func (s *Scheduler) Run(ctx context.Context, parallel int, fn func(id store.ID, delivered func())) {
 	deliveries := make(chan struct{}, parallel)
 	saves := make(chan struct{}, SavesPerSlot*parallel)
+	// A fixed set of workers, as many as messages can be in fn at once,
+	// rather than a goroutine per message: their stacks, grown once by
+	// decoding and delivering, are reused.
+	work := make(chan store.ID)
 	var wg sync.WaitGroup
+	for i := 0; i < parallel+cap(saves); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for id := range work {
+				runOne(id, fn, deliveries, saves)
+			}
+		}()
+	}
 	defer wg.Wait()
+	defer close(work)
 	for {
 		// Take a delivery slot first: due messages stay in the heap (where
 		// operators can still act on them) until a slot is free.
@@ -219,30 +233,35 @@ func (s *Scheduler) Run(ctx context.Context, parallel int, fn func(id store.ID, 
 		if !ok {
 			return
 		}
-		wg.Add(1)
-		go func() {
-			saving := false
-			delivered := func() {
-				if saving {
-					return
-				}
-				// Wait for room among the saves before giving the delivery
-				// slot away: a slow disk slows dispatch down.
-				saves <- struct{}{}
-				saving = true
-				<-deliveries
-			}
-			defer func() {
-				if saving {
-					<-saves
-				} else {
-					<-deliveries
-				}
-				wg.Done()
-			}()
-			fn(id, delivered)
-		}()
+		// A worker is always free here: fn runs at most parallel times
+		// holding a delivery slot plus cap(saves) times holding a save.
+		work <- id
 	}
+}
+
+// runOne calls fn for one message holding a delivery slot, which fn trades
+// for a save slot by calling delivered, and releases the slot it holds at
+// the end.
+func runOne(id store.ID, fn func(store.ID, func()), deliveries, saves chan struct{}) {
+	saving := false
+	delivered := func() {
+		if saving {
+			return
+		}
+		// Wait for room among the saves before giving the delivery slot
+		// away: a slow disk slows dispatch down.
+		saves <- struct{}{}
+		saving = true
+		<-deliveries
+	}
+	defer func() {
+		if saving {
+			<-saves
+		} else {
+			<-deliveries
+		}
+	}()
+	fn(id, delivered)
 }
 
 // next waits until the earliest message is due, then pops it and marks it
