@@ -821,6 +821,7 @@ func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 
 // Schedule implements Store.
 func (d *Dir) Schedule(fn func(SchedEntry) error) error {
+	defer releaseMapped(d.db)
 	return d.scan(bucketSched, func(id ID, v []byte) error {
 		e, err := decodeSched(id, v)
 		if err != nil {
@@ -832,6 +833,7 @@ func (d *Dir) Schedule(fn func(SchedEntry) error) error {
 
 // Walk implements Store.
 func (d *Dir) Walk(fn func(*Message) error) error {
+	defer releaseMapped(d.db)
 	return d.scan(bucketMeta, func(id ID, v []byte) error {
 		m, err := decodeMeta(id, v)
 		if err != nil {
