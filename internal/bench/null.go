@@ -89,12 +89,12 @@ func (t *NullTarget) Release() {
 	nullMu.Unlock()
 }
 
-func (t *NullTarget) Name() string                { return NullModName }
-func (t *NullTarget) InstanceName() string        { return t.key }
-func (t *NullTarget) Init(*config.Map) error      { return nil }
-func (t *NullTarget) Delivered() int64            { return t.delivered.Load() }
-func (t *NullTarget) MaxInFlight() int64          { return t.maxFlight.Load() }
-func (t *NullTarget) InFlight() int64             { return t.inFlight.Load() }
+func (t *NullTarget) Name() string           { return NullModName }
+func (t *NullTarget) InstanceName() string   { return t.key }
+func (t *NullTarget) Init(*config.Map) error { return nil }
+func (t *NullTarget) Delivered() int64       { return t.delivered.Load() }
+func (t *NullTarget) MaxInFlight() int64     { return t.maxFlight.Load() }
+func (t *NullTarget) InFlight() int64        { return t.inFlight.Load() }
 func (t *NullTarget) Start(ctx context.Context, meta *module.MsgMetadata, from string) (module.Delivery, error) {
 	n := t.inFlight.Add(1)
 	for {
