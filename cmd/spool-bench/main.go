@@ -46,6 +46,7 @@ type options struct {
 	e2eConns  int
 	e2eQueued []int
 	keep      bool
+	maddyBin  string
 }
 
 var allSections = []string{"disk", "enqueue", "backlog", "startup", "scale", "dispatch", "e2e"}
@@ -84,6 +85,7 @@ func run() int {
 	flag.DurationVar(&o.probeTime, "probe-duration", 3*time.Second, "length of each disk probe")
 	flag.IntVar(&o.e2eN, "e2e-messages", 3000, "end-to-end: messages per measurement")
 	flag.IntVar(&o.e2eConns, "e2e-clients", 16, "end-to-end: concurrent SMTP clients")
+	flag.StringVar(&o.maddyBin, "maddy-bin", "", "end-to-end: maddy binary to run (default: go build ./cmd/maddy of this source tree)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the queue directories")
 	flag.BoolVar(&quick, "quick", false, "small sizes and counts, about 2 minutes")
 	flag.Parse()
@@ -532,4 +534,72 @@ func childStartup(args []string) int {
 	return 0
 }
 
-func (r *runner) e2e() error { return errors.New("not implemented yet") }
+func (r *runner) e2e() error {
+	bin := r.o.maddyBin
+	if bin == "" {
+		root, err := bench.ModuleRoot()
+		if err != nil {
+			return err
+		}
+		r.progress("building cmd/maddy")
+		if bin, err = bench.BuildMaddy(root, r.o.dir); err != nil {
+			return err
+		}
+	}
+	for _, queued := range r.o.e2eQueued {
+		r.table.Section(fmt.Sprintf("end-to-end: maddy binary, smtp endpoint → queue → target.smtp → go-smtp sink; %d clients, %d × 4 KiB, %d already queued",
+			r.o.e2eConns, r.o.e2eN, queued))
+		acc := r.table.Figure(fmt.Sprintf("accepted, %d queued", queued), "msg/s")
+		thr := r.table.Figure(fmt.Sprintf("delivered to the sink, %d queued", queued), "msg/s")
+		p50 := r.table.Figure(fmt.Sprintf("MAIL → sink latency p50, %d queued", queued), "ms")
+		p99 := r.table.Figure(fmt.Sprintf("MAIL → sink latency p99, %d queued", queued), "ms")
+		cpu := r.table.Figure(fmt.Sprintf("server CPU per message, %d queued", queued), "ms")
+		sys := r.table.Figure(fmt.Sprintf("server system CPU share, %d queued", queued), "%")
+		ready := r.table.Figure(fmt.Sprintf("process start → SMTP port open, %d queued", queued), "ms")
+		dirs := map[bench.Kind]string{}
+		for round := 0; round < r.o.rounds; round++ {
+			for _, kind := range r.o.kinds {
+				dir, ok := dirs[kind]
+				if !ok {
+					dir = r.freshDir(fmt.Sprintf("%s-e2e-%d", kind, queued))
+					if err := os.MkdirAll(dir, 0o755); err != nil {
+						return err
+					}
+					if queued > 0 {
+						r.progress("generating %d queued messages for %s (end-to-end)", queued, kind)
+						if _, err := bench.Generate(kind, bench.E2EQueueDir(dir), bench.Backlog{N: queued, BodySize: r.o.backBody}); err != nil {
+							return err
+						}
+					}
+					dirs[kind] = dir
+				}
+				r.progress("end-to-end, %d queued, %s round %d", queued, kind, round+1)
+				res, err := bench.RunE2E(bench.E2EConfig{Bin: bin, Kind: kind, Dir: dir, Messages: r.o.e2eN,
+					Clients: r.o.e2eConns, BodySize: 4096, Timeout: r.o.timeout})
+				if err != nil {
+					return fmt.Errorf("%s: %w", kind, err)
+				}
+				if res.Delivered < res.Accepted {
+					thr.Note = fmt.Sprintf("%s: only %d of %d delivered within %v", kind, res.Delivered, res.Accepted, r.o.timeout)
+				}
+				acc.Add(kind, float64(res.Accepted)/res.AcceptTook.Seconds())
+				if res.DeliverTook > 0 {
+					thr.Add(kind, float64(res.Delivered)/res.DeliverTook.Seconds())
+				}
+				p50.Add(kind, bench.Ms(bench.Percentile(res.Latency, 50)))
+				p99.Add(kind, bench.Ms(bench.Percentile(res.Latency, 99)))
+				cpu.Add(kind, bench.Ms(res.CPUPerMessage()))
+				if t := res.User + res.System; t > 0 {
+					sys.Add(kind, 100*float64(res.System)/float64(t))
+				}
+				ready.Add(kind, bench.Ms(res.Ready))
+			}
+		}
+		if !r.o.keep {
+			for _, d := range dirs {
+				os.RemoveAll(d)
+			}
+		}
+	}
+	return nil
+}
