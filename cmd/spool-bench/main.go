@@ -98,15 +98,14 @@ func run() int {
 				apply()
 			}
 		}
-		quickDefault("duration", func() { o.duration = 500 * time.Millisecond })
-		quickDefault("rounds", func() { o.rounds = 2 })
-		quickDefault("backlog", func() { o.backlog = 10000 })
-		quickDefault("scale", func() { o.scale = 100000 })
-		quickDefault("dispatch", func() { o.dispatchN = 10000 })
-		quickDefault("probe-duration", func() { o.probeTime = time.Second })
-		quickDefault("e2e-messages", func() { o.e2eN = 500 })
-		quickDefault("e2e-queued", func() { *queuedF = "0,10000" })
-		quickDefault("timeout", func() { o.timeout = 60 * time.Second })
+		quickDefault("duration", func() { o.duration = 300 * time.Millisecond })
+		quickDefault("backlog", func() { o.backlog = 5000 })
+		quickDefault("scale", func() { o.scale = 50000 })
+		quickDefault("dispatch", func() { o.dispatchN = 5000 })
+		quickDefault("probe-duration", func() { o.probeTime = 500 * time.Millisecond })
+		quickDefault("e2e-messages", func() { o.e2eN = 300 })
+		quickDefault("e2e-queued", func() { *queuedF = "0,5000" })
+		quickDefault("timeout", func() { o.timeout = 30 * time.Second })
 	}
 	var err error
 	if o.senders, err = intList(*sendersF); err == nil {
