@@ -47,6 +47,8 @@ type options struct {
 	e2eQueued []int
 	keep      bool
 	maddyBin  string
+	// dispatchPar is max_parallelism in the dispatch section.
+	dispatchPar int
 }
 
 var allSections = []string{"disk", "enqueue", "backlog", "startup", "scale", "dispatch", "e2e"}
@@ -81,6 +83,7 @@ func run() int {
 	flag.IntVar(&o.backBody, "backlog-body", 1024, "body size (bytes) of generated queued messages")
 	flag.IntVar(&o.scale, "scale", 1000000, "messages queued for the Spool-only scale section")
 	flag.IntVar(&o.dispatchN, "dispatch", 100000, "messages due at once for the dispatch section")
+	flag.IntVar(&o.dispatchPar, "dispatch-parallelism", 16, "max_parallelism in the dispatch section")
 	flag.DurationVar(&o.timeout, "timeout", 3*time.Minute, "bound on each wait (drain, dispatch); a figure that hits it is marked")
 	flag.DurationVar(&o.probeTime, "probe-duration", 3*time.Second, "length of each disk probe")
 	flag.IntVar(&o.e2eN, "e2e-messages", 3000, "end-to-end: messages per measurement")
@@ -445,10 +448,10 @@ func (r *runner) scaleSpool() error {
 }
 
 func (r *runner) dispatch() error {
-	r.table.Section(fmt.Sprintf("dispatch of %d messages due at once (generated, max_parallelism 16)", r.o.dispatchN))
+	r.table.Section(fmt.Sprintf("dispatch of %d messages due at once (generated, max_parallelism %d)", r.o.dispatchN, r.o.dispatchPar))
 	rate := r.table.Figure("attempts/s, first to last delivery", "msg/s")
 	total := r.table.Figure("start → all delivered", "ms")
-	par := r.table.Figure("most deliveries at once (limit 16)", "")
+	par := r.table.Figure(fmt.Sprintf("most deliveries at once (limit %d)", r.o.dispatchPar), "")
 	for round := 0; round < r.o.rounds; round++ {
 		for _, kind := range r.o.kinds {
 			dir := r.freshDir(string(kind) + "-due")
@@ -458,7 +461,7 @@ func (r *runner) dispatch() error {
 			}
 			r.progress("dispatch, %s round %d", kind, round+1)
 			start := time.Now()
-			q, err := bench.OpenQueue(kind, dir, bench.QueueOptions{MaxParallelism: 16})
+			q, err := bench.OpenQueue(kind, dir, bench.QueueOptions{MaxParallelism: r.o.dispatchPar})
 			if err != nil {
 				return err
 			}
@@ -477,7 +480,7 @@ func (r *runner) dispatch() error {
 			}
 			total.Add(kind, bench.Ms(elapsed))
 			par.Add(kind, float64(q.Null.MaxInFlight()))
-			if q.Null.MaxInFlight() > 16 {
+			if q.Null.MaxInFlight() > int64(r.o.dispatchPar) {
 				par.Note = fmt.Sprintf("%s EXCEEDED max_parallelism", kind)
 			}
 			if !r.o.keep {
