@@ -92,7 +92,7 @@ func (t *Table) Figure(name, unit string) *Figure {
 // Print writes the table: per figure the median over rounds of maddy and
 // Spool, and Spool/maddy.
 func (t *Table) Print(w io.Writer) {
-	fmt.Fprintf(w, "%-58s %14s %14s %12s  %s\n", "figure", "maddy", "spool", "spool/maddy", "rounds")
+	fmt.Fprintf(w, "%-66s %14s %14s %12s  %s\n", "figure", "maddy", "spool", "spool/maddy", "rounds")
 	for _, r := range t.rows {
 		if r.fig == nil {
 			fmt.Fprintf(w, "\n== %s\n", r.section)
@@ -124,7 +124,7 @@ func (t *Table) Print(w io.Writer) {
 				rounds = append(rounds, string(k)+"="+strings.Join(parts, "/"))
 			}
 		}
-		line := fmt.Sprintf("%-58s %14s %14s %12s  %s", name, cell(m, mok), cell(s, sok), ratio, strings.Join(rounds, " "))
+		line := fmt.Sprintf("%-66s %14s %14s %12s  %s", name, cell(m, mok), cell(s, sok), ratio, strings.Join(rounds, " "))
 		if f.Note != "" {
 			line += "  [" + f.Note + "]"
 		}
