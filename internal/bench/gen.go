@@ -61,54 +61,24 @@ func generateSpool(dir string, b Backlog) error {
 		next = now.Add(-time.Minute)
 	}
 	body := Body(b.BodySize)
-	work := make(chan int)
-	errs := make(chan error, generateWorkers)
-	var wg sync.WaitGroup
-	for w := 0; w < generateWorkers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range work {
-				id := "g" + strconv.Itoa(i)
-				var hdr bytes.Buffer
-				if err := textproto.WriteHeader(&hdr, Header(id, arrival)); err != nil {
-					errs <- err
-					return
-				}
-				m := &store.Message{
-					MsgID:       id,
-					From:        Sender,
-					Arrival:     arrival,
-					NextAttempt: next,
-					LastAttempt: arrival,
-					Attempts:    1,
-					Rcpts: []store.Rcpt{{Addr: Rcpt(0), Tries: 1, LastAttempt: arrival,
-						LastError: &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 0, 0}, Message: "try later", Temporary: true}}},
-				}
-				if err := st.Create(context.Background(), m, hdr.Bytes(), bytes.NewReader(body), int64(len(body))); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	var genErr error
-feed:
-	for i := 0; i < b.N; i++ {
-		select {
-		case work <- i:
-		case genErr = <-errs:
-			break feed
+	genErr := forEach(b.N, generateWorkers, func(i int) error {
+		id := "g" + strconv.Itoa(i)
+		var hdr bytes.Buffer
+		if err := textproto.WriteHeader(&hdr, Header(id, arrival)); err != nil {
+			return err
 		}
-	}
-	close(work)
-	wg.Wait()
-	if genErr == nil {
-		select {
-		case genErr = <-errs:
-		default:
+		m := &store.Message{
+			MsgID:       id,
+			From:        Sender,
+			Arrival:     arrival,
+			NextAttempt: next,
+			LastAttempt: arrival,
+			Attempts:    1,
+			Rcpts: []store.Rcpt{{Addr: Rcpt(0), Tries: 1, LastAttempt: arrival,
+				LastError: &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 0, 0}, Message: "try later", Temporary: true}}},
 		}
-	}
+		return st.Create(context.Background(), m, hdr.Bytes(), bytes.NewReader(body), int64(len(body)))
+	})
 	if err := st.Close(); genErr == nil {
 		genErr = err
 	}
@@ -143,40 +113,9 @@ func generateMaddy(dir string, b Backlog) error {
 		last = now.Add(-time.Hour)
 	}
 	body := Body(b.BodySize)
-	work := make(chan int)
-	errs := make(chan error, generateWorkers)
-	var wg sync.WaitGroup
-	for w := 0; w < 16; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range work {
-				id := "g" + strconv.Itoa(i)
-				if err := writeMaddyEntry(dir, id, body, now.Add(-time.Hour), last); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	var genErr error
-feed:
-	for i := 0; i < b.N; i++ {
-		select {
-		case work <- i:
-		case genErr = <-errs:
-			break feed
-		}
-	}
-	close(work)
-	wg.Wait()
-	if genErr == nil {
-		select {
-		case genErr = <-errs:
-		default:
-		}
-	}
-	return genErr
+	return forEach(b.N, 16, func(i int) error {
+		return writeMaddyEntry(dir, "g"+strconv.Itoa(i), body, now.Add(-time.Hour), last)
+	})
 }
 
 func writeMaddyEntry(dir, id string, body []byte, first, last time.Time) error {
@@ -205,4 +144,42 @@ func writeMaddyEntry(dir, id string, body []byte, first, last time.Time) error {
 		}
 	}
 	return nil
+}
+
+// forEach calls fn for 0..n-1 from the given number of goroutines and
+// returns the first error; after an error no new calls start.
+func forEach(n, workers int, fn func(i int) error) error {
+	work := make(chan int)
+	errs := make(chan error, workers)
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				if err := fn(i); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	var err error
+feed:
+	for i := 0; i < n; i++ {
+		select {
+		case work <- i:
+		case err = <-errs:
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errs:
+		default:
+		}
+	}
+	return err
 }

@@ -472,17 +472,7 @@ func (im *importer) fail(name string, err error) {
 }
 
 // syncDir makes renames and removals in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
+func syncDir(dir string) error { return store.OSFS{}.SyncDir(dir) }
 
 // Write prints the result for an operator: one line per entry, then a
 // summary line.
