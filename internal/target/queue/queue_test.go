@@ -3,7 +3,9 @@ package queue
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -451,4 +453,35 @@ func TestCorruptEntryQuarantinedOthersDelivered(t *testing.T) {
 		t.Fatalf("good message delivered %d times", n)
 	}
 	h.assertGauges(0, 0)
+}
+
+// TestJitterSpreadsRetryWave: messages that fail together (a next hop
+// down) must not all come back at the same instant.
+func TestJitterSpreadsRetryWave(t *testing.T) {
+	const n = 200
+	h := newHarness(t, func(h *harness) {
+		h.cfg.maxParallelism = 16
+		h.cfg.policy.Jitter = 0.1
+		h.cfg.policy.Delays = []time.Duration{10 * time.Minute}
+	})
+	rng := rand.New(rand.NewPCG(1, 2))
+	var mu sync.Mutex
+	h.q.rand = func() float64 { mu.Lock(); defer mu.Unlock(); return rng.Float64() }
+	h.target.StartErr = func(int) error { return temp451 }
+	for i := 0; i < n; i++ {
+		h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@x.test", i)), smtp.MailOptions{})
+	}
+	h.waitAttempts(n)
+	lo, hi := time.Duration(1<<62), time.Duration(0)
+	distinct := map[time.Time]bool{}
+	for _, m := range h.queued() {
+		d := m.NextAttempt.Sub(t0)
+		lo, hi = min(lo, d), max(hi, d)
+		distinct[m.NextAttempt] = true
+	}
+	// ±10% of 10 minutes is 9m..11m; a uniform spread over 200 draws
+	// covers most of it.
+	if lo < 9*time.Minute || hi > 11*time.Minute || hi-lo < 90*time.Second || len(distinct) < n*9/10 {
+		t.Fatalf("retry wave spread over [%v, %v] with %d distinct times", lo, hi, len(distinct))
+	}
 }
