@@ -651,7 +651,9 @@ func (ss *sinkSession) Data(r io.Reader) error {
 		return err
 	}
 	defer ss.s.leave()
-	defer ss.endTx()
+	// The transaction ends in Reset, which go-smtp calls after it has
+	// written the reply: ending it here would let Shutdown close the
+	// connection before the client has its answer.
 
 	m, err := ss.readTx(r)
 	if err != nil {
@@ -676,7 +678,9 @@ func (ss *sinkSession) LMTPData(r io.Reader, status smtp.StatusCollector) error 
 		return err
 	}
 	defer ss.s.leave()
-	defer ss.endTx()
+	// The transaction ends in Reset, which go-smtp calls after it has
+	// written the reply: ending it here would let Shutdown close the
+	// connection before the client has its answer.
 
 	m, err := ss.readTx(r)
 	if err != nil {
