@@ -55,6 +55,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stderr, err)
 		return errUsage
 	}
+	if cfg.Dir != "" {
+		// Created up front, so a mistyped path fails now rather than
+		// turning every message into a 451.
+		if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+			return fmt.Errorf("-dir: %w", err)
+		}
+	}
 
 	// Lines from concurrent connections must not interleave.
 	var outMu sync.Mutex
