@@ -3,21 +3,20 @@ package dsn
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"mime"
 	"net/mail"
-	"os/exec"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/emersion/go-message/textproto"
+
+	"github.com/maddy-spool/spool/internal/testutils"
 )
 
 // ---------------------------------------------------------------------------
@@ -250,76 +249,11 @@ func checkWire(t *testing.T, r Report, res *result) {
 	}
 }
 
-// pyResult mirrors the JSON printed by testdata/parse_dsn.py.
-type pyResult struct {
-	Defects     []string    `json:"defects"`
-	Headers     [][2]string `json:"headers"`
-	ContentType string      `json:"content_type"`
-	ReportType  string      `json:"report_type"`
-	Boundary    string      `json:"boundary"`
-	FromName    string      `json:"from_name"`
-	FromAddr    string      `json:"from_addr"`
-	ToAddr      string      `json:"to_addr"`
-	Date        string      `json:"date"`
-	Parts       []struct {
-		ContentType string  `json:"content_type"`
-		CTE         string  `json:"cte"`
-		Charset     *string `json:"charset"`
-	} `json:"parts"`
-	Text       string      `json:"text"`
-	PerMessage [][2]string `json:"per_message"`
-	Recipients []struct {
-		Fields [][2]string          `json:"fields"`
-		Typed  map[string][2]string `json:"typed"`
-	} `json:"recipients"`
-	ReturnedType    string      `json:"returned_type"`
-	ReturnedHeaders [][2]string `json:"returned_headers"`
-	ReturnedBody    *string     `json:"returned_body"`
-}
+// pyResult is the report as Python's email package sees it.
+type pyResult = testutils.PyDSN
 
-var (
-	pythonOnce sync.Once
-	pythonPath string
-)
-
-// findPython locates python3; it asks the interpreter for its own path so
-// that wrapper scripts (pyenv shims) are not run for every report.
-func findPython() {
-	p, err := exec.LookPath("python3")
-	if err != nil {
-		return
-	}
-	pythonPath = p
-	out, err := exec.Command(p, "-c", "import sys; print(sys.executable)").Output()
-	if exe := strings.TrimSpace(string(out)); err == nil && exe != "" {
-		pythonPath = exe
-	}
-}
-
-// parsePy parses raw with Python's email package (testdata/parse_dsn.py).
-func parsePy(t *testing.T, raw []byte) *pyResult {
-	t.Helper()
-	pythonOnce.Do(findPython)
-	if pythonPath == "" {
-		t.Skip("python3 not found; skipping the independent parser check")
-	}
-	cmd := exec.Command(pythonPath, "testdata/parse_dsn.py")
-	cmd.Stdin = bytes.NewReader(raw)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("parse_dsn.py: %v\n%s", err, stderr.String())
-	}
-	var res pyResult
-	if err := json.Unmarshal(out, &res); err != nil {
-		t.Fatalf("parse_dsn.py output: %v\n%s", err, out)
-	}
-	if len(res.Defects) != 0 {
-		t.Errorf("Python's email parser found defects: %v", res.Defects)
-	}
-	return &res
-}
+// parsePy parses raw with Python's email package.
+func parsePy(t *testing.T, raw []byte) *pyResult { return testutils.ParseDSNWithPython(t, raw) }
 
 // check renders r, checks the wire invariants and parses the result with
 // Python.

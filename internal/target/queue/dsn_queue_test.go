@@ -2,16 +2,12 @@ package queue
 
 import (
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"io"
 	"mime"
 	"mime/multipart"
 	"mime/quotedprintable"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -159,76 +155,9 @@ func (r *parsedReport) recipientActions() []string {
 	return out
 }
 
-// pyResult is the part of testdata/parse_dsn.py's JSON these tests use.
-type pyResult struct {
-	Defects     []string `json:"defects"`
-	ContentType string   `json:"content_type"`
-	ReportType  string   `json:"report_type"`
-	Parts       []struct {
-		ContentType string `json:"content_type"`
-		CTE         string `json:"cte"`
-	} `json:"parts"`
-	Text       string      `json:"text"`
-	PerMessage [][2]string `json:"per_message"`
-	Recipients []struct {
-		Fields [][2]string          `json:"fields"`
-		Typed  map[string][2]string `json:"typed"`
-	} `json:"recipients"`
-	ReturnedType string  `json:"returned_type"`
-	ReturnedBody *string `json:"returned_body"`
-}
-
-func (r *pyResult) field(rcpt int, name string) string {
-	for _, f := range r.Recipients[rcpt].Fields {
-		if strings.EqualFold(f[0], name) {
-			return f[1]
-		}
-	}
-	return ""
-}
-
-var (
-	pyOnce sync.Once
-	pyPath string
-)
-
-// pyParse parses a report with internal/dsn/testdata/parse_dsn.py (Python's
-// email package) and fails on any defect it reports.
-func pyParse(t *testing.T, raw []byte) *pyResult {
-	t.Helper()
-	pyOnce.Do(func() {
-		p, err := exec.LookPath("python3")
-		if err != nil {
-			return
-		}
-		pyPath = p
-		// Resolve pyenv-style shims once rather than per report.
-		if out, err := exec.Command(p, "-c", "import sys; print(sys.executable)").Output(); err == nil {
-			if exe := strings.TrimSpace(string(out)); exe != "" {
-				pyPath = exe
-			}
-		}
-	})
-	if pyPath == "" {
-		t.Skip("python3 not found; skipping the independent parser check")
-	}
-	cmd := exec.Command(pyPath, filepath.Join("..", "..", "dsn", "testdata", "parse_dsn.py"))
-	cmd.Stdin = bytes.NewReader(raw)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("parse_dsn.py: %v\n%s", err, stderr.String())
-	}
-	var res pyResult
-	if err := json.Unmarshal(out, &res); err != nil {
-		t.Fatalf("parse_dsn.py output: %v\n%s", err, out)
-	}
-	if len(res.Defects) != 0 {
-		t.Errorf("Python's email parser found defects: %v", res.Defects)
-	}
-	return &res
-}
+// pyParse parses a report with Python's email package and fails on any
+// defect it reports.
+func pyParse(t *testing.T, raw []byte) *testutils.PyDSN { return testutils.ParseDSNWithPython(t, raw) }
 
 // runToEnd waits for the first attempt and then moves the clock to each
 // next attempt until the message has left the queue.
@@ -908,7 +837,7 @@ func TestHostileErrorText(t *testing.T) {
 				t.Fatal("control characters in the text part")
 			}
 			py := pyParse(t, r.raw)
-			if len(py.Recipients) != 2 || py.field(0, "Action") != "failed" {
+			if len(py.Recipients) != 2 || py.Field(0, "Action") != "failed" {
 				t.Fatalf("Python reads %d recipients", len(py.Recipients))
 			}
 		})
@@ -949,7 +878,7 @@ func TestHundredRecipientsOneReport(t *testing.T) {
 		}
 	}
 	py := pyParse(t, r.raw)
-	if len(py.Recipients) != 100 || py.field(99, "Final-Recipient") != "rfc822; r099@x.test" {
+	if len(py.Recipients) != 100 || py.Field(99, "Final-Recipient") != "rfc822; r099@x.test" {
 		t.Fatalf("Python reads %d recipients", len(py.Recipients))
 	}
 	if got := testutil.ToFloat64(metrics.DSNs.WithLabelValues("test_queue", "failed")); got < 100 {

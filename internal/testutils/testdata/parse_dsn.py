@@ -2,7 +2,7 @@
 """Parse a delivery status notification with Python's standard email package.
 
 Reads one message (header and body) from stdin and prints JSON describing it,
-for dsn_test.go to assert on. Only the standard library is used, so this is a
+for tests to assert on (see pydsn.go). Only the standard library is used, so this is a
 parser independent of the Go code under test.
 """
 
