@@ -62,6 +62,31 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 	defer close(stop)
 
 	var submitted atomic.Int64
+	// addrsOf maps each accepted message to its recipients, taken from the
+	// delivery between Body and Commit, so the books can tell which
+	// recipients an operator's delete removed.
+	var booksMu sync.Mutex
+	addrsOf := map[store.ID][]string{}
+	deletedIDs := map[store.ID]bool{}
+	submit := func(to []string) error {
+		ctx := context.Background()
+		d, err := h.q.Start(ctx, testMeta(), "s@example.org")
+		if err != nil {
+			return err
+		}
+		for _, a := range to {
+			if err := d.AddRcpt(ctx, a, smtp.RcptOptions{}); err != nil {
+				return err
+			}
+		}
+		if err := d.Body(ctx, testHeader(), testBuffer()); err != nil {
+			return err
+		}
+		booksMu.Lock()
+		addrsOf[d.(*delivery).msg.ID] = to
+		booksMu.Unlock()
+		return d.Commit(ctx)
+	}
 	sendersDone := make(chan struct{})
 	var wg sync.WaitGroup
 	for s := 0; s < senders; s++ {
@@ -69,8 +94,8 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 		go func(s int) {
 			defer wg.Done()
 			for i := 0; i < perSender; i++ {
-				to := rcpts(fmt.Sprintf("r%d-%d-a@x.test", s, i), fmt.Sprintf("r%d-%d-b@y.test", s, i))
-				if err := h.trySubmit("s@example.org", to, smtp.MailOptions{}, testBody); err != nil {
+				to := []string{fmt.Sprintf("r%d-%d-a@x.test", s, i), fmt.Sprintf("r%d-%d-b@y.test", s, i)}
+				if err := submit(to); err != nil {
 					t.Errorf("submit: %v", err)
 					return
 				}
@@ -78,8 +103,6 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 			}
 		}(s)
 	}
-	var deletedMu sync.Mutex
-	deleted := map[string]bool{} // recipients of messages an operator deleted
 	var opsDone sync.WaitGroup
 	for o := 0; o < operators; o++ {
 		opsDone.Add(1)
@@ -102,26 +125,20 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 				if op != admin.OpDelete && op != admin.OpBounce && rng.IntN(5) == 0 {
 					f = admin.Filter{To: "@y.test"} // bulk, over many messages at once
 				}
-				var addrs []string
-				if op == admin.OpDelete {
-					if m, err := h.q.Get(id); err == nil {
-						for _, r := range m.Rcpts {
-							addrs = append(addrs, r.Addr)
-						}
-					}
-				}
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				res, err := h.q.Apply(ctx, op, f)
 				cancel()
 				if err != nil {
 					t.Errorf("%s: %v", op, err)
 				}
-				if op == admin.OpDelete && res.Changed+res.Deferred > 0 {
-					deletedMu.Lock()
-					for _, a := range addrs {
-						deleted[a] = true
+				if op == admin.OpDelete {
+					booksMu.Lock()
+					for _, it := range res.Items {
+						if it.Outcome == admin.Changed || it.Outcome == admin.Deferred {
+							deletedIDs[id] = true
+						}
 					}
-					deletedMu.Unlock()
+					booksMu.Unlock()
 				}
 			}
 		}(o)
@@ -157,6 +174,12 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 			if _, err := fmt.Sscanf(line, "Final-Recipient: rfc822; %s", &addr); err == nil {
 				failed[addr] = true
 			}
+		}
+	}
+	deleted := map[string]bool{} // recipients of messages an operator deleted
+	for id := range deletedIDs {
+		for _, a := range addrsOf[id] {
+			deleted[a] = true
 		}
 	}
 	lost, removed := 0, 0
