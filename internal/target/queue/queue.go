@@ -9,7 +9,14 @@
 //	schedule  retry policy and the scheduler that dispatches due messages
 //	attempt   one delivery attempt and how failures map to recipients
 //	metrics   Prometheus metrics
+//	admin     operator operations, views and the control socket
+//	migrate   import of maddy target.queue directories
 //	internal/dsn  the delivery status notification format
+//
+// In this package: enqueue.go accepts mail, deliver.go runs attempts and
+// settles their outcome, report.go decides and sends DSNs, admin.go
+// applies operator changes, freespace.go guards the disk, config.go reads
+// the configuration.
 //
 // A message is accepted (Body or BodyNonAtomic returns nil) only once the
 // store has made it durable; Commit then schedules it. See the store
