@@ -189,24 +189,22 @@ func (q *Queue) deliver(m *store.Message) error {
 	return nil
 }
 
-// delayWarningAttempt moves the next attempt earlier to the delay_warning
-// mark when a delay report would fall due before it: reports are sent
-// after attempts, and a report hours late is little use.
+// delayWarningAttempt moves the next attempt earlier to the next delay
+// report mark (delay_warning, then every delay_warning_repeat) when one
+// would fall due before it: reports are sent after attempts, and a report
+// hours late is little use.
 func (q *Queue) delayWarningAttempt(m *store.Message, now, next time.Time) time.Time {
-	if q.cfg.delayWarning <= 0 {
-		return next
-	}
-	mark := m.Arrival.Add(q.cfg.delayWarning)
-	if !mark.After(now) || !mark.Before(next) {
-		return next
-	}
+	at := next
 	for _, idx := range m.Pending() {
 		r := &m.Rcpts[idx]
-		if r.Reported&reportedDelay == 0 && wantsReport(r, reportedDelay) {
-			return mark
+		if !wantsReport(r, reportedDelay) {
+			continue
+		}
+		if mark, ok := q.nextDelayReport(m, r, now); ok && mark.Before(at) {
+			at = mark
 		}
 	}
-	return next
+	return at
 }
 
 // nestedMeta rebuilds maddy's message metadata for the nested target. The

@@ -367,15 +367,22 @@ func TestDelayWarningTiming(t *testing.T) {
 	for _, tc := range []struct {
 		name         string
 		delayWarning time.Duration
+		repeat       time.Duration   // delay_warning_repeat
 		wantDates    []time.Duration // Date of each delayed report, from arrival
 	}{
-		{"at the threshold, once", 5 * time.Minute, []time.Duration{5 * time.Minute}},
-		{"threshold on a scheduled attempt", 11 * time.Minute, []time.Duration{11 * time.Minute}},
-		{"disabled", 0, nil},
-		{"threshold after expiry", time.Hour, nil},
+		{"at the threshold, once", 5 * time.Minute, 0, []time.Duration{5 * time.Minute}},
+		{"threshold on a scheduled attempt", 11 * time.Minute, 0, []time.Duration{11 * time.Minute}},
+		{"disabled", 0, 0, nil},
+		{"threshold after expiry", time.Hour, 0, nil},
+		{"repeated until expiry", 5 * time.Minute, 7 * time.Minute,
+			[]time.Duration{5 * time.Minute, 12 * time.Minute, 19 * time.Minute, 26 * time.Minute}},
+		{"repeat beyond expiry", 5 * time.Minute, 30 * time.Minute, []time.Duration{5 * time.Minute}},
+		{"repeat without a first warning", 0, 7 * time.Minute, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, dsnSettings, func(h *harness) { h.cfg.delayWarning = tc.delayWarning })
+			h := newHarness(t, dsnSettings, func(h *harness) {
+				h.cfg.delayWarning, h.cfg.delayRepeat = tc.delayWarning, tc.repeat
+			})
 			h.target.Rcpt = testutils.FailRcpts(map[string]error{"a@x.test": temp451, "b@x.test": temp451})
 			h.submit("s@example.org", rcpts("a@x.test", "b@x.test"), smtp.MailOptions{})
 			h.runToEnd()
@@ -995,5 +1002,39 @@ func TestReceivedFromMTA(t *testing.T) {
 				t.Fatalf("per-message fields %v", r.perMessage)
 			}
 		})
+	}
+}
+
+// TestDelayReportMarks checks the delay report schedule directly,
+// including catching up after a long downtime with one report, not one
+// per missed interval.
+func TestDelayReportMarks(t *testing.T) {
+	q := &Queue{cfg: settings{delayWarning: 5 * time.Minute, delayRepeat: 7 * time.Minute}}
+	m := &store.Message{Arrival: t0}
+	r := &store.Rcpt{}
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	for _, step := range []struct {
+		sentAt  time.Duration // a delay report is sent at this time
+		wantDue time.Duration // then the next one is due at this time
+	}{
+		{5 * time.Minute, 12 * time.Minute},
+		{12*time.Minute + 30*time.Second, 19 * time.Minute},
+		{3 * time.Hour, 3*time.Hour + 7*time.Minute}, // marks at 5m + k×7m: 180m is past the 25th repeat, next is 187m
+	} {
+		if due, ok := q.delayReportDue(m, r); !ok || at(step.sentAt).Before(due) {
+			t.Fatalf("at %v no report due (next due %v)", step.sentAt, due.Sub(t0))
+		}
+		q.markReported(m, r, reportedDelay, at(step.sentAt))
+		due, ok := q.delayReportDue(m, r)
+		if !ok || !due.Equal(at(step.wantDue)) {
+			t.Fatalf("after a report at %v the next is due at %v, want %v", step.sentAt, due.Sub(t0), step.wantDue)
+		}
+		if next, _ := q.nextDelayReport(m, r, at(step.sentAt)); !next.Equal(due) {
+			t.Fatalf("nextDelayReport %v, want %v", next.Sub(t0), step.wantDue)
+		}
+	}
+	q.cfg.delayRepeat = 0
+	if _, ok := q.delayReportDue(m, r); ok {
+		t.Fatal("a repeat is due with delay_warning_repeat off")
 	}
 }

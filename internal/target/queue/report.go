@@ -57,6 +57,51 @@ func wantsReport(r *store.Rcpt, kind uint8) bool {
 	return false
 }
 
+// delayReportDue returns when r's next delay report falls due: at
+// delay_warning after arrival, then (with delay_warning_repeat) every
+// repeat interval after that. ok is false when none will.
+func (q *Queue) delayReportDue(m *store.Message, r *store.Rcpt) (due time.Time, ok bool) {
+	if q.cfg.delayWarning <= 0 {
+		return time.Time{}, false
+	}
+	first := m.Arrival.Add(q.cfg.delayWarning)
+	switch {
+	case r.Reported&reportedDelay == 0:
+		return first, true
+	case q.cfg.delayRepeat <= 0:
+		return time.Time{}, false
+	}
+	return first.Add(time.Duration(r.DelayRepeats+1) * q.cfg.delayRepeat), true
+}
+
+// nextDelayReport returns the first delay report time after now for r,
+// counting the one due now (if any) as sent: where the next attempt should
+// be at the latest, so that report goes out on time.
+func (q *Queue) nextDelayReport(m *store.Message, r *store.Rcpt, now time.Time) (time.Time, bool) {
+	due, ok := q.delayReportDue(m, r)
+	if !ok || due.After(now) {
+		return due, ok
+	}
+	if q.cfg.delayRepeat <= 0 {
+		return time.Time{}, false
+	}
+	first := m.Arrival.Add(q.cfg.delayWarning)
+	return first.Add((now.Sub(first)/q.cfg.delayRepeat + 1) * q.cfg.delayRepeat), true
+}
+
+// markReported records that r got (or was given up on for) a report of
+// kind at now. A delay report covers every repeat interval that has begun
+// by now, so a server that was down for days sends one report, not one
+// per missed interval.
+func (q *Queue) markReported(m *store.Message, r *store.Rcpt, kind uint8, now time.Time) {
+	if kind == reportedDelay && q.cfg.delayRepeat > 0 {
+		if first := m.Arrival.Add(q.cfg.delayWarning); now.After(first) {
+			r.DelayRepeats = int(now.Sub(first) / q.cfg.delayRepeat)
+		}
+	}
+	r.Reported |= kind
+}
+
 // owedReports returns, per recipient index, the report kind it is owed
 // now (0 for none): one report per message per event, covering every
 // recipient owed one.
@@ -70,11 +115,14 @@ func (q *Queue) owedReports(m *store.Message, now time.Time) map[int]uint8 {
 			kind = reportedFailure
 		case r.State == store.RcptDelivered:
 			kind = reportedSuccess
-		case r.State == store.RcptPending && r.LastError != nil && q.cfg.delayWarning > 0 &&
-			now.Sub(m.Arrival) >= q.cfg.delayWarning:
-			kind = reportedDelay
+		case r.State == store.RcptPending && r.LastError != nil:
+			if due, ok := q.delayReportDue(m, r); ok && !now.Before(due) {
+				kind = reportedDelay
+			}
 		}
-		if kind != 0 && r.Reported&kind == 0 && wantsReport(r, kind) {
+		// Failure and success are reported once; delayReportDue already
+		// says whether another delay report is due.
+		if kind != 0 && (r.Reported&kind == 0 || kind == reportedDelay) && wantsReport(r, kind) {
 			owed[i] = kind
 		}
 	}
@@ -91,7 +139,7 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 	}
 	markAll := func() {
 		for i, kind := range owed {
-			m.Rcpts[i].Reported |= kind
+			q.markReported(m, &m.Rcpts[i], kind, now)
 		}
 	}
 	switch {

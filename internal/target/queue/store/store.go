@@ -185,6 +185,9 @@ type Rcpt struct {
 	// Reported is a bit set of DSN kinds already sent for this recipient
 	// (see the queue package), so a restart never sends one twice.
 	Reported uint8 `json:"reported,omitempty"`
+	// DelayRepeats counts the delay_warning_repeat intervals whose delay
+	// report has been sent after the first one.
+	DelayRepeats int `json:"delay_repeats,omitempty"`
 }
 
 // MailOptions are the MAIL FROM parameters kept with the message and passed
