@@ -5,7 +5,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -162,7 +161,7 @@ func registerTarget(ft *testutils.FakeTarget) string {
 
 // startMaddyQueue builds maddy's target.queue through the module registry,
 // as maddy does for a config block.
-func startMaddyQueue(dir, target, bounce string) (module.DeliveryTarget, io.Closer, error) {
+func startMaddyQueue(dir, target, bounce string) (module.DeliveryTarget, error) {
 	instanceSeq++
 	name := fmt.Sprintf("migrate_test_queue_%d", instanceSeq)
 	node := config.Node{
@@ -183,19 +182,19 @@ func startMaddyQueue(dir, target, bounce string) (module.DeliveryTarget, io.Clos
 	}
 	newQueue := module.Get("target.queue")
 	if newQueue == nil {
-		return nil, nil, fmt.Errorf("target.queue is not registered")
+		return nil, fmt.Errorf("target.queue is not registered")
 	}
 	mod, err := newQueue("target.queue", name, nil, nil)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	globals := map[string]interface{}{"hostname": "mx.example.test"}
 	if err := mod.Init(config.NewMap(globals, node)); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	module.RegisterInstance(mod, nil)
 	module.Initialized[name] = true
-	return mod.(module.DeliveryTarget), mod.(io.Closer), nil
+	return mod.(module.DeliveryTarget), nil
 }
 
 func submit(ctx context.Context, q module.DeliveryTarget, s submitted) error {
@@ -232,10 +231,15 @@ func generateFixture(root string) (fixtureDirs, error) {
 		unattempted: filepath.Join(root, "unattempted"),
 	}
 
+	// Set before any queue starts, and never reset: the queues outlive
+	// this function.
+	retries := &retryWatch{next: log.DefaultLogger.Out, changed: make(chan struct{})}
+	log.DefaultLogger.Out = retries
+
 	// The DSN queue: maddy's bounce pipeline delivers into it, and its next
 	// hop defers everything.
 	dsnHop := &testutils.FakeTarget{Rcpt: func(int, string) error { return errDSNHop }}
-	dsnQueue, dsnCloser, err := startMaddyQueue(dirs.dsn, registerTarget(dsnHop), "")
+	dsnQueue, err := startMaddyQueue(dirs.dsn, registerTarget(dsnHop), "")
 	if err != nil {
 		return dirs, err
 	}
@@ -246,7 +250,7 @@ func generateFixture(root string) (fixtureDirs, error) {
 		"nouser@remote.test": errNoUser,
 		"full@other.test":    errFull,
 	})}
-	q, closer, err := startMaddyQueue(dirs.queue, registerTarget(hop), dsnQueueName)
+	q, err := startMaddyQueue(dirs.queue, registerTarget(hop), dsnQueueName)
 	if err != nil {
 		return dirs, err
 	}
@@ -255,20 +259,15 @@ func generateFixture(root string) (fixtureDirs, error) {
 			return dirs, err
 		}
 	}
-	// Each message is attempted once at once; the retry is 15 minutes
-	// away, so closing after both attempts started leaves them deferred.
-	// Close waits for attempts in flight, including the DSN they emit.
-	if err := hop.WaitStarted(ctx, 2); err != nil {
-		return dirs, err
-	}
-	if err := closer.Close(); err != nil {
-		return dirs, err
-	}
-	if err := dsnHop.WaitStarted(ctx, 1); err != nil {
-		return dirs, err
-	}
-	if err := dsnCloser.Close(); err != nil {
-		return dirs, err
+	// Each message is attempted once at once and its retry is 15 minutes
+	// away. The queues are left running rather than closed: maddy 0.8.1's
+	// Close stops its timer wheel before waiting for attempts in flight,
+	// and an attempt that ends after that races with it (its recover then
+	// marks the entry broken). Its "will retry" log line comes after the
+	// metadata is rewritten, so once the two messages and the DSN they
+	// caused have logged it, the directories are final.
+	if err := retries.wait(ctx, 3); err != nil {
+		return dirs, fmt.Errorf("waiting for maddy's first attempts: %w", err)
 	}
 	dirs.dsnRecord = dsnHop.Records()[0]
 
@@ -277,7 +276,7 @@ func generateFixture(root string) (fixtureDirs, error) {
 	blocked := &testutils.FakeTarget{}
 	blocked.Block()
 	live := filepath.Join(root, "unattempted_live")
-	q, closer, err = startMaddyQueue(live, registerTarget(blocked), "")
+	q, err = startMaddyQueue(live, registerTarget(blocked), "")
 	if err != nil {
 		return dirs, err
 	}
@@ -290,11 +289,49 @@ func generateFixture(root string) (fixtureDirs, error) {
 	if err := copyDir(live, dirs.unattempted); err != nil {
 		return dirs, err
 	}
-	blocked.Unblock()
-	if err := closer.Close(); err != nil {
-		return dirs, err
-	}
+	// Left blocked and running, for the reason above.
 	return dirs, nil
+}
+
+// retryWatch counts the "will retry" lines maddy's queues log, passing
+// every line on to the previous output.
+type retryWatch struct {
+	next    log.Output
+	mu      sync.Mutex
+	n       int
+	changed chan struct{}
+}
+
+func (w *retryWatch) Write(stamp time.Time, debug bool, msg string) {
+	if strings.Contains(msg, "will retry") {
+		w.mu.Lock()
+		w.n++
+		close(w.changed)
+		w.changed = make(chan struct{})
+		w.mu.Unlock()
+	}
+	if w.next != nil {
+		w.next.Write(stamp, debug, msg)
+	}
+}
+
+func (w *retryWatch) Close() error { return nil }
+
+// wait returns once n lines were seen.
+func (w *retryWatch) wait(ctx context.Context, n int) error {
+	for {
+		w.mu.Lock()
+		seen, ch := w.n, w.changed
+		w.mu.Unlock()
+		if seen >= n {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("%d of %d retries logged: %w", seen, n, ctx.Err())
+		}
+	}
 }
 
 // copyDir copies the regular files of src into a new directory dst.
