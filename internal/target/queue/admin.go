@@ -148,16 +148,16 @@ func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.O
 	req := requestFor(op)
 	// Registered before Remove, so the worker cannot finish unseen in
 	// between.
-	ch := q.addWaiter(id)
+	ch, created := q.addWaiter(id)
 	st, due := q.sched.Remove(id, req)
 	if st == schedule.InFlight {
 		if req == 0 {
-			q.dropWaiter(id, ch)
+			q.dropWaiter(id, ch, created)
 			return admin.Unchanged, "being attempted now", nil
 		}
 		return admin.Deferred, "", ch
 	}
-	q.dropWaiter(id, ch)
+	q.dropWaiter(id, ch, created)
 	if st == schedule.Unknown {
 		// Only held messages are the operators' when unscheduled.
 		if m, _, err := q.load(id); err == nil && !m.Held {
@@ -255,23 +255,25 @@ func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool
 
 // Waiters: operators waiting for a request to be applied by a worker.
 
-func (q *Queue) addWaiter(id store.ID) chan struct{} {
+func (q *Queue) addWaiter(id store.ID) (ch chan struct{}, created bool) {
 	q.opStateMu.Lock()
 	defer q.opStateMu.Unlock()
-	ch := q.waiters[id]
+	ch = q.waiters[id]
 	if ch == nil {
 		ch = make(chan struct{})
 		q.waiters[id] = ch
+		created = true
 	}
-	return ch
+	return ch, created
 }
 
-// dropWaiter removes ch unless a concurrent operation shares it: opMu
-// serialises operations, so under it nobody else can be waiting on ch.
-func (q *Queue) dropWaiter(id store.ID, ch chan struct{}) {
+// dropWaiter removes a channel this operation created and did not need. A
+// channel an earlier operation is still waiting on stays for the worker to
+// close.
+func (q *Queue) dropWaiter(id store.ID, ch chan struct{}, created bool) {
 	q.opStateMu.Lock()
 	defer q.opStateMu.Unlock()
-	if q.waiters[id] == ch {
+	if created && q.waiters[id] == ch {
 		delete(q.waiters, id)
 	}
 }
