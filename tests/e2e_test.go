@@ -25,22 +25,7 @@ func TestDelivery(t *testing.T) {
 
 	const from = "sender@origin.test"
 	rcpts := []string{"alice@remote.test", "bob@remote.test"}
-	bodies := make(map[string]string)
-	var ids []string
-	for i := 1; i <= 3; i++ {
-		id := msgID(t, i)
-		body := testBody(id)
-		if i == 3 {
-			// Larger than the 64 KiB kept inline in queue.db, so it goes
-			// through a file in bodies/.
-			body = strings.Repeat("0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789\r\n", 1500)
-		}
-		if err := submitData(e.smtpAddr(), from, rcpts, newMessage(from, rcpts, id, body)); err != nil {
-			t.Fatalf("submitting %s: %v", id, err)
-		}
-		ids = append(ids, id)
-		bodies[id] = body
-	}
+	ids, bodies := submitBatch(t, e.smtpAddr(), from, rcpts, 3)
 
 	msgs := waitDelivered(t, sink, ids, rcpts)
 	for _, m := range msgs {
@@ -248,21 +233,7 @@ func TestCrashRestart(t *testing.T) {
 
 	const from = "sender@origin.test"
 	rcpts := []string{"alice@remote.test", "bob@remote.test"}
-	var ids []string
-	bodies := make(map[string]string)
-	for i := 1; i <= 10; i++ {
-		id := msgID(t, i)
-		body := testBody(id)
-		if i == 10 {
-			// Over 64 KiB: kept in a file under bodies/.
-			body = strings.Repeat("The quick brown fox jumps over the lazy dog, again and again.\r\n", 1200)
-		}
-		if err := submitData(e.smtpAddr(), from, rcpts, newMessage(from, rcpts, id, body)); err != nil {
-			t.Fatalf("submitting %s: %v", id, err)
-		}
-		ids = append(ids, id)
-		bodies[id] = body
-	}
+	ids, bodies := submitBatch(t, e.smtpAddr(), from, rcpts, 10)
 	e.waitMetric("maddy_spool_messages_queued", eq(10))
 	e.waitMetric("maddy_spool_attempts_total", atLeast(1), "result", "temporary")
 	// The large message was durable before its 250 reply.
@@ -495,4 +466,26 @@ func truncate(s string, n int) string {
 		return s[:n]
 	}
 	return s
+}
+
+// submitBatch submits n messages and returns their Message-IDs and bodies.
+// The last one is larger than the 64 KiB kept inline in queue.db, so it
+// goes through a file in bodies/.
+func submitBatch(t *testing.T, addr, from string, rcpts []string, n int) ([]string, map[string]string) {
+	t.Helper()
+	var ids []string
+	bodies := make(map[string]string)
+	for i := 1; i <= n; i++ {
+		id := msgID(t, i)
+		body := testBody(id)
+		if i == n {
+			body = strings.Repeat("0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789\r\n", 1500)
+		}
+		if err := submitData(addr, from, rcpts, newMessage(from, rcpts, id, body)); err != nil {
+			t.Fatalf("submitting %s: %v", id, err)
+		}
+		ids = append(ids, id)
+		bodies[id] = body
+	}
+	return ids, bodies
 }

@@ -135,32 +135,41 @@ func freePorts(t *testing.T, n int) []int {
 type params struct {
 	Dir         string // state_dir; the config goes to Dir/maddy.conf
 	SMTPPort    int
-	MetricsPort int
+	MetricsPort int // 0: no openmetrics endpoint
 	SinkPort    int
+	Module      string   // the queue module; "target.spool" if empty
+	Retry       string   // retry_schedule arguments; "1s 2s" if empty
 	MaxTries    string   // max_tries argument; "5" if empty
 	NoTarget    bool     // leave out the target directive
-	Extra       []string // more lines for the target.spool block
+	Extra       []string // more lines for the queue block
 }
 
 // writeConfig writes a maddy configuration: an smtp endpoint delivering to
-// target.spool "outq", which hands mail to target.smtp "next_hop" (the
-// sink, without STARTTLS) with retries after 1s, 2s, 2s..., and sends DSNs through the same
-// next hop. It returns the file's absolute path.
+// the queue "outq" (target.spool unless p.Module says otherwise), which
+// hands mail to target.smtp "next_hop" (the sink, without STARTTLS) with
+// retries after 1s, 2s, 2s..., and sends DSNs through the same next hop.
+// It returns the file's absolute path.
 func writeConfig(t *testing.T, p params) string {
 	t.Helper()
+	if p.Module == "" {
+		p.Module = "target.spool"
+	}
+	if p.Retry == "" {
+		p.Retry = "1s 2s"
+	}
 	if p.MaxTries == "" {
 		p.MaxTries = "5"
 	}
-	var spool []string
+	var queue []string
 	if !p.NoTarget {
-		spool = append(spool, "target &next_hop")
+		queue = append(queue, "target &next_hop")
 	}
-	spool = append(spool,
-		"retry_schedule 1s 2s",
-		"retry_jitter 0",
-		"max_tries "+p.MaxTries,
-	)
-	spool = append(spool, p.Extra...)
+	if p.Module == "target.spool" {
+		// maddy's target.queue has a fixed schedule.
+		queue = append(queue, "retry_schedule "+p.Retry, "retry_jitter 0")
+	}
+	queue = append(queue, "max_tries "+p.MaxTries)
+	queue = append(queue, p.Extra...)
 
 	var b strings.Builder
 	fmt.Fprintf(&b, `hostname mx.test
@@ -169,18 +178,20 @@ state_dir %[1]s
 runtime_dir %[1]s/run
 tls off
 log stderr
-
-openmetrics tcp://127.0.0.1:%[2]d { }
-
+`, p.Dir)
+	if p.MetricsPort != 0 {
+		fmt.Fprintf(&b, "\nopenmetrics tcp://127.0.0.1:%d { }\n", p.MetricsPort)
+	}
+	fmt.Fprintf(&b, `
 target.smtp next_hop {
-    targets tcp://127.0.0.1:%[3]d
+    targets tcp://127.0.0.1:%d
     # The sink offers no STARTTLS; target.smtp insists on it by default.
     starttls no
 }
 
-target.spool outq {
-`, p.Dir, p.MetricsPort, p.SinkPort)
-	for _, l := range spool {
+%s outq {
+`, p.SinkPort, p.Module)
+	for _, l := range queue {
 		fmt.Fprintf(&b, "    %s\n", l)
 	}
 	fmt.Fprintf(&b, `    bounce {
