@@ -126,7 +126,7 @@ func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.R
 
 // describe says where a message stands now, for operator feedback.
 func (q *Queue) describe(id store.ID) string {
-	m, _, err := q.load(id)
+	m, err := q.store.Get(id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		return "no longer queued (delivered, bounced or deleted)"
@@ -160,7 +160,7 @@ func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.O
 	q.dropWaiter(id, ch, created)
 	if st == schedule.Unknown {
 		// Only held messages are the operators' when unscheduled.
-		if m, _, err := q.load(id); err == nil && !m.Held {
+		if m, err := q.store.Get(id); err == nil && !m.Held {
 			return admin.Receiving, "not committed to the queue yet (still being received); try again", nil
 		}
 	}
@@ -175,7 +175,7 @@ func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.O
 // and when the message would be due if op changed nothing; the results
 // say it after op.
 func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool, keepDue time.Time) (o admin.Outcome, detail string, reschedule bool, due time.Time) {
-	m, _, err := q.load(id)
+	m, err := q.store.Get(id)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrCorrupt) {
 			return admin.NotFound, "not queued", false, time.Time{}
@@ -183,13 +183,7 @@ func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool
 		return admin.Failed, err.Error(), keep, keepDue
 	}
 	now := q.clock.Now()
-	save := func() error {
-		if err := q.store.Update(ctx, m); err != nil {
-			return err
-		}
-		q.dropDirty(id)
-		return nil
-	}
+	save := func() error { return q.store.Update(ctx, m) }
 	switch op {
 	case admin.OpHold:
 		if m.Held {
@@ -247,7 +241,10 @@ func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool
 			m.Held = false
 			q.held.Add(-1)
 		}
-		reschedule, due = q.settle(m, len(pending))
+		reschedule, due, err = q.settle(ctx, m, len(pending))
+		if err != nil {
+			return admin.Failed, fmt.Sprintf("reports sent, but the failed state could not be saved (%v); they may be sent again", err), keep, keepDue
+		}
 		return admin.Changed, fmt.Sprintf("%d recipients failed, reports sent as requested", len(pending)), reschedule, due
 	}
 	return admin.Failed, "unknown operation " + string(op), keep, keepDue
@@ -295,7 +292,7 @@ func (q *Queue) Walk(fn func(*store.Message) error) error { return q.store.Walk(
 // Get implements admin.Reader; it returns the state of the latest attempt
 // even when that could not be saved yet.
 func (q *Queue) Get(id store.ID) (*store.Message, error) {
-	m, _, err := q.load(id)
+	m, err := q.store.Get(id)
 	return m, err
 }
 

@@ -3,6 +3,7 @@ package queue
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -41,54 +42,32 @@ func (q *Queue) attempt(id store.ID, delivered func()) {
 // attemptOnce runs the attempt and says whether and when the message is
 // due again.
 func (q *Queue) attemptOnce(id store.ID, delivered func()) (reschedule bool, due time.Time) {
-	m, wasDirty, err := q.load(id)
+	m, err := q.store.Get(id)
 	if err != nil {
 		return q.loadErrorDecision(id, err)
 	}
-	pendingBefore := len(m.Pending())
-	if m.Held || (wasDirty && pendingBefore > 0 && m.NextAttempt.After(q.clock.Now())) {
-		// Only a save is overdue (or the message is held and must not be
-		// attempted at all).
-		if wasDirty {
-			if err := q.store.Update(q.attemptCtx, m); err != nil {
-				return q.keepDirty(m, err, q.clock.Now())
-			}
-			q.dropDirty(id)
-		}
-		return !m.Held, m.NextAttempt
+	if m.Held {
+		return false, time.Time{} // the operators' until released
 	}
+	pendingBefore := len(m.Pending())
 	if pendingBefore > 0 {
-		if err := q.deliver(m); err != nil {
+		err := q.deliver(m)
+		if errors.Is(err, errAttemptCancelled) {
+			delivered()
+			q.saveCancelled(m, pendingBefore)
+			return false, time.Time{}
+		}
+		if err != nil {
 			return q.loadErrorDecision(id, err)
 		}
 	}
 	delivered()
-	return q.settle(m, pendingBefore)
-}
-
-// load returns the message's current state: the unsaved copy of a
-// previous attempt if there is one, else the stored metadata. The caller
-// may change the returned message freely.
-func (q *Queue) load(id store.ID) (m *store.Message, dirty bool, err error) {
-	q.dirtyMu.Lock()
-	if d := q.dirty[id]; d != nil {
-		m = cloneMessage(d)
+	reschedule, due, err = q.settle(q.stopping, m, pendingBefore)
+	if err != nil {
+		// Not saved by the shutdown: the attempt is repeated after restart.
+		return false, time.Time{}
 	}
-	q.dirtyMu.Unlock()
-	if m != nil {
-		return m, true, nil
-	}
-	m, err = q.store.Get(id)
-	return m, false, err
-}
-
-// cloneMessage copies the parts of m that attempts and operators change,
-// so the unsaved copy in q.dirty stays as it was if a change is not saved.
-func cloneMessage(m *store.Message) *store.Message {
-	c := *m
-	c.Rcpts = append([]store.Rcpt(nil), m.Rcpts...)
-	c.History = append([]store.AttemptRecord(nil), m.History...)
-	return &c
+	return reschedule, due
 }
 
 func (q *Queue) loadErrorDecision(id store.ID, err error) (reschedule bool, due time.Time) {
@@ -104,6 +83,10 @@ func (q *Queue) loadErrorDecision(id store.ID, err error) (reschedule bool, due 
 		return true, q.clock.Now().Add(storeRetryDelay)
 	}
 }
+
+// errAttemptCancelled is what deliver returns for an attempt the shutdown
+// cancelled: the attempt does not count (see recordCancelled).
+var errAttemptCancelled = errors.New("attempt cancelled by shutdown")
 
 // deliver runs one attempt for the pending recipients of m and records the
 // outcome in m (not yet on disk).
@@ -134,6 +117,10 @@ func (q *Queue) deliver(m *store.Message) error {
 		Body:   content.Body,
 	})
 	took := time.Since(started)
+	if q.attemptCtx.Err() != nil {
+		recordCancelled(m, pending, errs, now)
+		return errAttemptCancelled
+	}
 	metrics.AttemptDuration.WithLabelValues(q.label()).Observe(took.Seconds())
 
 	rec := store.AttemptRecord{Time: now, Duration: took}
@@ -230,65 +217,113 @@ func (q *Queue) nestedMeta(m *store.Message) *module.MsgMetadata {
 	return meta
 }
 
+// recordCancelled records in m what an attempt cancelled by the shutdown
+// achieved: only the recipients the target accepted before the
+// cancellation. The errors of the others are the cancellation's, not
+// answers about the mail, so those recipients keep their last saved state:
+// no try is counted, no error recorded, no report owed.
+func recordCancelled(m *store.Message, pending []int, errs []error, now time.Time) {
+	for i, idx := range pending {
+		if errs[i] == nil {
+			r := &m.Rcpts[idx]
+			r.State, r.LastError, r.LastAttempt = store.RcptDelivered, nil, now
+			r.Tries++
+		}
+	}
+}
+
+// saveCancelled saves the recipients a cancelled attempt delivered, so
+// they are not sent again after the restart. Their reports, if owed, are
+// sent by the first attempt after it, which also removes the message once
+// nothing is pending.
+func (q *Queue) saveCancelled(m *store.Message, pendingBefore int) {
+	delivered := pendingBefore - len(m.Pending())
+	if delivered == 0 {
+		return
+	}
+	q.recipients.Add(-int64(delivered))
+	if err := q.store.Update(context.Background(), m); err != nil && !errors.Is(err, store.ErrNotFound) {
+		q.Log.Error("cannot save the recipients delivered by an attempt cancelled by shutdown; they are sent again after restart", err, "queue_id", m.ID.String())
+	}
+}
+
 // settle sends the DSNs that m's state makes due, then removes the message
 // if nothing is left to do, or saves it; it says whether and when the
 // message is due again. DSNs go out before the state that records them is
 // saved: a crash in between repeats a report rather than losing it.
 // pendingBefore is the number of recipients pending before the change
-// that led here, for the recipient gauge.
-func (q *Queue) settle(m *store.Message, pendingBefore int) (reschedule bool, due time.Time) {
+// that led here, for the recipient gauge. A failed save is retried (see
+// saveOutcome) until retry's context ends.
+func (q *Queue) settle(retry context.Context, m *store.Message, pendingBefore int) (reschedule bool, due time.Time, err error) {
 	now := q.clock.Now()
 	reportPending := q.sendReports(m, now)
 	pendingAfter := len(m.Pending())
-	q.recipients.Add(int64(pendingAfter - pendingBefore))
 
-	if pendingAfter == 0 && !reportPending {
-		if err := q.store.Delete(q.attemptCtx, m.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
-			return q.keepDirty(m, err, now)
-		}
-		q.forget(m)
-		q.Log.Debugf("%v done after %d attempts", m.ID, m.Attempts)
-		return false, time.Time{}
-	}
-	if pendingAfter == 0 {
+	remove := pendingAfter == 0 && !reportPending
+	if pendingAfter == 0 && !remove {
 		m.NextAttempt = now.Add(reportRetryDelay)
 	}
-	if err := q.store.Update(q.attemptCtx, m); err != nil {
-		if errors.Is(err, store.ErrNotFound) {
-			q.recipients.Add(-int64(pendingAfter))
-			q.forget(m)
-			return false, time.Time{}
-		}
-		return q.keepDirty(m, err, now)
+	switch err := q.saveOutcome(retry, m, remove); {
+	case errors.Is(err, store.ErrNotFound):
+		// Deleted meanwhile: it left the gauges then.
+		return false, time.Time{}, nil
+	case err != nil:
+		return false, time.Time{}, err
 	}
-	q.dropDirty(m.ID)
-	return !m.Held, m.NextAttempt
+	q.recipients.Add(int64(pendingAfter - pendingBefore))
+	if remove {
+		q.forget(m)
+		q.Log.Debugf("%v done after %d attempts", m.ID, m.Attempts)
+		return false, time.Time{}, nil
+	}
+	return !m.Held, m.NextAttempt, nil
 }
 
-// forget updates the gauges and in-memory state for a message that has
-// left the store (its pending recipients must already be subtracted).
+// saveOutcome writes m's new state, or removes m. A failed write is
+// retried every storeRetryDelay by the caller's goroutine, which for an
+// attempt keeps the message in flight and its scheduler slot taken
+// meanwhile: outcomes not yet saved are bounded by the scheduler's slots
+// (see schedule.SavesPerSlot), and once every slot waits for the disk no
+// new attempt starts. It gives up when retry ends (shutdown, or an
+// operator who stopped waiting) or the store has failed; the attempt is
+// then repeated after restart.
+func (q *Queue) saveOutcome(retry context.Context, m *store.Message, remove bool) error {
+	for {
+		var err error
+		// Not retry: a write handed to the store is finished or failed as
+		// a whole, and its result is what this says.
+		if remove {
+			err = q.store.Delete(context.Background(), m.ID)
+		} else {
+			err = q.store.Update(context.Background(), m)
+		}
+		if err == nil || errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
+		if !q.sleep(retry, storeRetryDelay) {
+			return err
+		}
+	}
+}
+
+// sleep waits for d on the queue's clock; false if ctx ended first.
+func (q *Queue) sleep(ctx context.Context, d time.Duration) bool {
+	t := q.clock.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C():
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// forget updates the gauges for a message that has left the store (its
+// pending recipients must already be subtracted).
 func (q *Queue) forget(m *store.Message) {
-	q.dropDirty(m.ID)
 	q.messages.Add(-1)
 	if m.Held {
 		q.held.Add(-1)
 	}
-}
-
-// keepDirty remembers an outcome that could not be saved and retries the
-// save soon. Until it is saved, the in-memory copy is the truth:
-// recipients recorded as delivered in it are not sent again while the
-// server runs.
-func (q *Queue) keepDirty(m *store.Message, err error, now time.Time) (reschedule bool, due time.Time) {
-	q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
-	q.dirtyMu.Lock()
-	q.dirty[m.ID] = m
-	q.dirtyMu.Unlock()
-	return true, now.Add(storeRetryDelay)
-}
-
-func (q *Queue) dropDirty(id store.ID) {
-	q.dirtyMu.Lock()
-	delete(q.dirty, id)
-	q.dirtyMu.Unlock()
 }

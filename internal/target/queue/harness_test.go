@@ -77,7 +77,6 @@ func (h *harness) open() {
 		target:   h.target,
 		clock:    h.clock,
 		rand:     func() float64 { return 0.5 },
-		dirty:    map[store.ID]*store.Message{},
 	}
 	if h.bounce != nil {
 		q.bounce = h.bounce

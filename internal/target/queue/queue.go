@@ -65,12 +65,6 @@ type Queue struct {
 	clock schedule.Clock
 	rand  func() float64
 
-	// dirty holds messages whose post-attempt update could not be written
-	// (e.g. disk full), so the next attempt starts from the true state and
-	// never re-sends recipients already delivered.
-	dirtyMu sync.Mutex
-	dirty   map[store.ID]*store.Message
-
 	messages, recipients, held atomic.Int64
 
 	// opMu serialises operator changes (see admin.go); opStateMu guards
@@ -79,6 +73,9 @@ type Queue struct {
 	opStateMu sync.Mutex
 	waiters   map[store.ID]chan struct{}
 
+	// stopping is done once Close has begun: no attempt starts, and
+	// waits for a retry of a failed save end.
+	stopping       context.Context
 	stopDispatch   context.CancelFunc
 	attemptCtx     context.Context
 	cancelAttempts context.CancelFunc
@@ -104,7 +101,6 @@ func New(_, instName string, _, inlineArgs []string) (module.Module, error) {
 		Log:   log.Logger{Name: ModName},
 		clock: schedule.SystemClock{},
 		rand:  rand.Float64,
-		dirty: make(map[store.ID]*store.Message),
 	}
 	switch len(inlineArgs) {
 	case 0:
@@ -159,8 +155,7 @@ func (q *Queue) start(st store.Store) error {
 	q.store = st
 	q.sched = schedule.New(q.clock)
 	q.waiters = map[store.ID]chan struct{}{}
-	var dispatchCtx context.Context
-	dispatchCtx, q.stopDispatch = context.WithCancel(context.Background())
+	q.stopping, q.stopDispatch = context.WithCancel(context.Background())
 	q.attemptCtx, q.cancelAttempts = context.WithCancel(context.Background())
 	q.runDone = make(chan struct{})
 	q.loadDone = make(chan struct{})
@@ -173,7 +168,7 @@ func (q *Queue) start(st store.Store) error {
 	}()
 	go func() {
 		defer close(q.runDone)
-		q.sched.Run(dispatchCtx, q.cfg.maxParallelism, func(id store.ID, delivered func()) {
+		q.sched.Run(q.stopping, q.cfg.maxParallelism, func(id store.ID, delivered func()) {
 			q.attempt(id, delivered)
 			if q.onAttemptDone != nil {
 				q.onAttemptDone(id)

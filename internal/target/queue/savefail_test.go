@@ -2,12 +2,15 @@ package queue
 
 import (
 	"context"
+	"fmt"
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/testutils"
 )
@@ -57,20 +60,22 @@ func TestStateSaveFailureNeitherLosesNorResends(t *testing.T) {
 			// leaves Create alone: the message was accepted just before).
 			fs.full.Store(true)
 			h.submit("s@example.org", rcpts("a@x.test", "b@x.test"), smtp.MailOptions{})
-			h.waitAttempts(1)
-			if fs.refused.Load() == 0 {
-				t.Fatal("the save was not attempted")
-			}
-			// The save is retried every storeRetryDelay without delivering
-			// again while the disk stays full.
+			// The worker keeps the outcome and retries the save every
+			// storeRetryDelay, without delivering again.
 			h.advance(storeRetryDelay)
-			h.waitAttempts(1)
+			h.clock.WaitTimers(1)
+			if n := fs.refused.Load(); n != 2 {
+				t.Fatalf("%d saves refused, want 2", n)
+			}
 			if n := h.target.CountDelivered("a@x.test"); n != 1 {
 				t.Fatalf("a delivered %d times while the state could not be saved", n)
 			}
 			fs.full.Store(false)
 			h.advance(storeRetryDelay)
-			h.waitAttempts(1) // the save goes through (b, due by now, was retried on the way)
+			h.waitAttempts(1) // saved at last
+			if tc.bFails {
+				h.waitAttempts(1) // b, due by now, is retried at once
+			}
 			if a, b := h.target.CountDelivered("a@x.test"), h.target.CountDelivered("b@x.test"); a != 1 || b != 1 {
 				t.Fatalf("delivered a %d, b %d times; want once each", a, b)
 			}
@@ -80,4 +85,51 @@ func TestStateSaveFailureNeitherLosesNorResends(t *testing.T) {
 			h.assertGauges(0, 0)
 		})
 	}
+}
+
+// TestUnsavedOutcomesBounded: while outcomes cannot be saved (disk full),
+// no more than (1+SavesPerSlot) × max_parallelism attempts are delivered
+// and wait for their save; dispatch stops there, so a restart repeats at
+// most that many deliveries, as the documentation promises.
+func TestUnsavedOutcomesBounded(t *testing.T) {
+	const parallel, messages = 2, 30
+	bound := (1 + schedule.SavesPerSlot) * parallel
+	h := newHarness(t, func(h *harness) { h.cfg.maxParallelism = parallel })
+	fs := &fullDiskStore{Store: h.q.store}
+	h.q.store = fs
+	fs.full.Store(true)
+	for i := 0; i < messages; i++ {
+		h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@x.test", i)), smtp.MailOptions{})
+	}
+	if _, err := h.target.WaitDelivered(t.Context(), bound); err != nil {
+		t.Fatal(err)
+	}
+	// Steady state: every save slot's worker sleeps before retrying its
+	// save, and the delivery slots are held by workers waiting for a save
+	// slot; nothing else can be dispatched.
+	asleep := make(chan struct{})
+	go func() { h.clock.WaitTimers(bound - parallel); close(asleep) }()
+	select {
+	case <-asleep:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("dispatch went on while outcomes were unsaved: %d delivered, bound %d", len(h.target.Deliveries()), bound)
+	}
+	if n := len(h.target.Deliveries()); n != bound {
+		t.Fatalf("%d deliveries with unsaved outcomes, bound %d", n, bound)
+	}
+
+	// A restart drops the unsaved outcomes: those messages are delivered
+	// again, and no others twice.
+	h.restart()
+	h.waitAttempts(bound + messages) // the attempts given up at the shutdown, and all after it
+	total := len(h.target.Deliveries())
+	if total-messages > bound {
+		t.Fatalf("%d deliveries repeated after restart, bound %d", total-messages, bound)
+	}
+	for i := 0; i < messages; i++ {
+		if n := h.target.CountDelivered(fmt.Sprintf("r%d@x.test", i)); n < 1 {
+			t.Fatalf("r%d never delivered", i)
+		}
+	}
+	h.assertGauges(0, 0)
 }
