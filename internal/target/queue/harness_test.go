@@ -30,6 +30,11 @@ type harness struct {
 	cfg    settings
 	q      *Queue
 
+	// wrapStore, if set, wraps the store the next open runs on;
+	// noWaitLoad makes open return before the stored schedule is loaded.
+	wrapStore  func(store.Store) store.Store
+	noWaitLoad bool
+
 	done chan store.ID
 }
 
@@ -86,10 +91,16 @@ func (h *harness) open() {
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	if err := q.start(st); err != nil {
+	var s store.Store = st
+	if h.wrapStore != nil {
+		s = h.wrapStore(st)
+	}
+	if err := q.start(s); err != nil {
 		h.t.Fatal(err)
 	}
-	q.WaitLoaded()
+	if !h.noWaitLoad {
+		q.WaitLoaded()
+	}
 	h.q = q
 	h.t.Cleanup(func() { q.Close() })
 }

@@ -25,6 +25,7 @@ package queue
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
@@ -162,9 +163,14 @@ func (q *Queue) start(st store.Store) error {
 	metrics.InitSeries(q.label())
 	q.unregister = metrics.Register(q.label(), q)
 
+	// Taken before any new mail can arrive: the load covers exactly the
+	// messages stored before this start. Those stored later belong to
+	// their sessions until Commit schedules them (see admin.go), so none
+	// is counted or scheduled twice, or before it is committed.
+	loadUpTo := st.LastID()
 	go func() {
 		defer close(q.loadDone)
-		q.loadSchedule()
+		q.loadSchedule(loadUpTo)
 	}()
 	go func() {
 		defer close(q.runDone)
@@ -178,10 +184,18 @@ func (q *Queue) start(st store.Store) error {
 	return nil
 }
 
-func (q *Queue) loadSchedule() {
+// errLoaded ends the start-up scan at the last message it covers.
+var errLoaded = errors.New("loaded")
+
+// loadSchedule counts and schedules the stored messages with IDs up to
+// last.
+func (q *Queue) loadSchedule(last store.ID) {
 	start := time.Now()
 	n := 0
 	err := q.store.Schedule(func(e store.SchedEntry) error {
+		if e.ID > last {
+			return errLoaded // Schedule goes in ID order
+		}
 		n++
 		q.messages.Add(1)
 		q.recipients.Add(int64(e.Pending))
@@ -192,7 +206,7 @@ func (q *Queue) loadSchedule() {
 		q.sched.Add(e.ID, e.NextAttempt)
 		return nil
 	})
-	if err != nil {
+	if err != nil && !errors.Is(err, errLoaded) {
 		q.Log.Error("loading the queue failed; entries not yet loaded will be picked up on restart", err, "loaded", n)
 		return
 	}

@@ -864,6 +864,9 @@ func (d *Dir) Oldest() (time.Time, bool, error) {
 	return t, ok, err
 }
 
+// LastID implements Store.
+func (d *Dir) LastID() ID { return ID(d.nextID.Load()) }
+
 // Quarantined returns the number of entries in quarantine.
 func (d *Dir) Quarantined() (int, error) {
 	n := 0

@@ -349,6 +349,9 @@ type Store interface {
 	// Walk calls fn for every message's metadata, in ID order, without
 	// reading content. Corrupt entries are quarantined and skipped.
 	Walk(fn func(*Message) error) error
+	// LastID returns the highest ID handed out so far: every message
+	// stored from now on has a higher one.
+	LastID() ID
 	// Oldest returns the arrival time of the oldest queued message.
 	Oldest() (time.Time, bool, error)
 	// Close releases the store; pending writes are finished first.
