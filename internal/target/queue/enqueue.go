@@ -96,7 +96,7 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 		return d.storeErr(err)
 	}
 	d.msg = m
-	metrics.Enqueued.WithLabelValues(q.label()).Inc()
+	q.receiving.add(m.ID, now)
 	return nil
 }
 
@@ -125,18 +125,32 @@ func (d *delivery) BodyNonAtomic(ctx context.Context, c module.StatusCollector, 
 	}
 }
 
-// Commit schedules the stored message for its first attempt.
+// Commit schedules the stored message for its first attempt. It fails,
+// so the client is not told the message was accepted, if the message was
+// removed meanwhile because the transaction took too long (see
+// receiving.go).
 func (d *delivery) Commit(ctx context.Context) error {
 	if d.msg == nil {
 		return nil
 	}
 	q := d.q
-	q.messages.Add(1)
-	q.recipients.Add(int64(len(d.msg.Rcpts)))
-	// From here on operators may act on it (see admin.go).
-	q.sched.Add(d.msg.ID, d.msg.NextAttempt)
-	q.Log.Debugf("queued %v (msg_id %s) for %d recipients", d.msg.ID, d.msg.MsgID, len(d.msg.Rcpts))
+	m := d.msg
 	d.msg = nil
+	if !q.receiving.take(m.ID) {
+		q.Log.Msg("commit after the queue entry was removed as never committed; refusing", "queue_id", m.ID.String(), "msg_id", m.MsgID)
+		return &exterrors.SMTPError{
+			Code:         451,
+			EnhancedCode: exterrors.EnhancedCode{4, 3, 0},
+			Message:      "The message was not committed in time, try again",
+			TargetName:   ModName,
+		}
+	}
+	q.messages.Add(1)
+	q.recipients.Add(int64(len(m.Rcpts)))
+	metrics.Enqueued.WithLabelValues(q.label()).Inc()
+	// From here on operators may act on it (see admin.go).
+	q.sched.Add(m.ID, m.NextAttempt)
+	q.Log.Debugf("queued %v (msg_id %s) for %d recipients", m.ID, m.MsgID, len(m.Rcpts))
 	return nil
 }
 
@@ -148,13 +162,10 @@ func (d *delivery) Abort(ctx context.Context) error {
 	}
 	id := d.msg.ID
 	d.msg = nil
-	if err := d.q.store.Delete(ctx, id); err != nil {
-		// Left on disk, it would be delivered after a restart although the
-		// client was refused; say so loudly.
-		d.q.Log.Error("cannot remove aborted message; it will be delivered after a restart", err, "queue_id", id.String())
-		return err
+	if !d.q.receiving.take(id) {
+		return nil // removed already
 	}
-	return nil
+	return d.q.removeUncommitted(ctx, id)
 }
 
 func mailOptions(o smtp.MailOptions) store.MailOptions {

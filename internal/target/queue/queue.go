@@ -68,6 +68,16 @@ type Queue struct {
 
 	messages, recipients, held atomic.Int64
 
+	// receiving holds the messages stored but not yet committed or
+	// aborted (see receiving.go).
+	receiving     receivingSet
+	receivingDone chan struct{}
+	// receivingCheckEvery overrides receivingCheckInterval (tests).
+	receivingCheckEvery time.Duration
+	// onReceivingRemoved, if set, is called after an uncommitted message
+	// was removed (tests).
+	onReceivingRemoved func(store.ID)
+
 	// opMu serialises operator changes (see admin.go); opStateMu guards
 	// waiters.
 	opMu      sync.Mutex
@@ -172,6 +182,15 @@ func (q *Queue) start(st store.Store) error {
 		defer close(q.loadDone)
 		q.loadSchedule(loadUpTo)
 	}()
+	q.receivingDone = make(chan struct{})
+	go func() {
+		defer close(q.receivingDone)
+		every := q.receivingCheckEvery
+		if every <= 0 {
+			every = receivingCheckInterval
+		}
+		q.expireReceiving(every)
+	}()
 	go func() {
 		defer close(q.runDone)
 		q.sched.Run(q.stopping, q.cfg.maxParallelism, func(id store.ID, delivered func()) {
@@ -235,6 +254,12 @@ func (q *Queue) Close() error {
 			<-q.runDone
 		}
 		q.cancelAttempts()
+		<-q.receivingDone
+		// Sessions still between Body and Commit cannot be told their
+		// message was accepted: a Commit after this fails (receiving.go).
+		for _, id := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
+			q.removeUncommitted(context.Background(), id)
+		}
 		q.unregister()
 		err = q.store.Close()
 	})

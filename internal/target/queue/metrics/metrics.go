@@ -59,7 +59,7 @@ var (
 	}, []string{"module"})
 
 	// EnqueueFailures counts messages the queue refused, by reason
-	// (ReasonStoreError, ReasonMinFreeSpace).
+	// (ReasonStoreError, ReasonMinFreeSpace, ReasonNotCommitted).
 	EnqueueFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "maddy_spool_enqueue_failures_total",
 		Help: "Messages refused with a temporary error because the queue could not or would not store them, by reason.",
@@ -77,6 +77,10 @@ var (
 const (
 	ReasonStoreError   = "store_error"
 	ReasonMinFreeSpace = "min_free_space"
+	// ReasonNotCommitted: stored, but neither committed nor aborted by
+	// the pipeline in time, so removed (the client was not told it was
+	// accepted).
+	ReasonNotCommitted = "not_committed"
 )
 
 // Reasons for DSNsNotSent.
@@ -93,7 +97,7 @@ var (
 	results       = []string{ResultDelivered, ResultTemporary, ResultPermanent}
 	dsnActions    = []string{"failed", "delayed", "delivered", "relayed"}
 	notSentReason = []string{ReasonNullSender, ReasonNoBouncePipeline, ReasonReportError}
-	enqueueReason = []string{ReasonStoreError, ReasonMinFreeSpace}
+	enqueueReason = []string{ReasonStoreError, ReasonMinFreeSpace, ReasonNotCommitted}
 	adminOps      = []string{"hold", "release", "retry", "delete", "bounce"}
 )
 

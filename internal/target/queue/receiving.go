@@ -1,0 +1,108 @@
+package queue
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/metrics"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+)
+
+// A message stored by Body belongs to its session until the session
+// commits or aborts it. maddy 0.8.1's SMTP endpoint calls neither when
+// another target of a pipeline fails the message after Spool stored it:
+// the client is told the message failed and sends it again, so the stored
+// copy must not be delivered. The rule: an entry neither committed nor
+// aborted within receiveTimeout, or still uncommitted when the queue shuts
+// down, is removed, and a Commit that comes later fails with 451, so the
+// client is never told such a message was accepted.
+//
+// receiveTimeout is RFC 5321's 10 minutes for the client's wait for the
+// reply to the end of DATA (section 4.5.3.2.6), plus a margin: Commit
+// comes before that reply, so by then the client has given up.
+//
+// A crash leaves such an entry on disk, and the next start delivers it:
+// after a crash between storing a message and answering its client,
+// delivery is at least once, as in any MTA.
+const receiveTimeout = 15 * time.Minute
+
+// receivingCheckInterval is how often (in real time) entries are checked
+// for receiveTimeout.
+const receivingCheckInterval = time.Minute
+
+// receivingSet holds the messages stored by Body and not yet committed or
+// aborted, with the time they were stored. Whoever takes an entry out of
+// it decides that message's fate: Commit schedules it, Abort and expiry
+// remove it.
+type receivingSet struct {
+	mu      sync.Mutex
+	entries map[store.ID]time.Time
+}
+
+func (s *receivingSet) add(id store.ID, at time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.entries == nil {
+		s.entries = make(map[store.ID]time.Time)
+	}
+	s.entries[id] = at
+}
+
+// take removes id and reports whether it was there.
+func (s *receivingSet) take(id store.ID) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.entries[id]
+	delete(s.entries, id)
+	return ok
+}
+
+// takeStoredBefore removes and returns the entries stored before t.
+func (s *receivingSet) takeStoredBefore(t time.Time) []store.ID {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ids []store.ID
+	for id, at := range s.entries {
+		if at.Before(t) {
+			ids = append(ids, id)
+			delete(s.entries, id)
+		}
+	}
+	return ids
+}
+
+// expireReceiving removes, every checkEvery until the queue stops,
+// entries older than receiveTimeout on the queue's clock.
+func (q *Queue) expireReceiving(checkEvery time.Duration) {
+	tick := time.NewTicker(checkEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-q.stopping.Done():
+			return
+		}
+		cutoff := q.clock.Now().Add(-receiveTimeout)
+		for _, id := range q.receiving.takeStoredBefore(cutoff) {
+			q.Log.Msg("removing a stored message that was neither committed nor aborted in time; its client was not told it was accepted",
+				"queue_id", id.String(), "timeout", receiveTimeout.String())
+			metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonNotCommitted).Inc()
+			q.removeUncommitted(context.Background(), id)
+		}
+	}
+}
+
+// removeUncommitted deletes a message taken out of q.receiving.
+func (q *Queue) removeUncommitted(ctx context.Context, id store.ID) error {
+	err := q.store.Delete(ctx, id)
+	if err != nil {
+		// Left on disk, it would be delivered after a restart although
+		// its client was not told it was accepted; say so loudly.
+		q.Log.Error("cannot remove an uncommitted message; it will be delivered after a restart", err, "queue_id", id.String())
+	}
+	if q.onReceivingRemoved != nil {
+		q.onReceivingRemoved(id)
+	}
+	return err
+}
