@@ -30,7 +30,8 @@ type Policy struct {
 // minutes, later ones at least 30 minutes apart, give up after 4-5 days)
 // and Postfix's 5-minute first back-off. The cap of 8 hours makes the
 // default 20 tries span the default 5 days: 5m+30m+1h+2h+4h+14×8h ≈ 4.98 d
-// until the 20th try, so neither limit cuts the other short.
+// until the 20th try (4d20h with the queue's default delay_warning, which
+// moves the 6th try to 4h), so neither limit cuts the other short.
 var DefaultDelays = []time.Duration{5 * time.Minute, 30 * time.Minute, time.Hour, 2 * time.Hour, 4 * time.Hour, 8 * time.Hour}
 
 // Default limits, as maddy's target.queue (20 tries) and RFC 5321's advice
