@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
+	"github.com/maddy-spool/spool/internal/target/queue/fate"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
@@ -229,23 +230,19 @@ func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool
 		return admin.Changed, "deleted", false, time.Time{}
 
 	case admin.OpBounce:
-		pending := m.Pending()
-		if len(pending) == 0 {
+		wasHeld := m.Held
+		n := fate.Bounce(m, bounceStatus)
+		if n == 0 {
 			return admin.Unchanged, "no recipient pending", keep, keepDue
 		}
-		for _, i := range pending {
-			r := &m.Rcpts[i]
-			r.State, r.LastError = store.RcptFailed, bounceStatus(r.LastError)
-		}
-		if m.Held {
-			m.Held = false
+		if wasHeld {
 			q.held.Add(-1)
 		}
-		reschedule, due, err = q.settle(ctx, m, len(pending))
+		reschedule, due, err = q.settle(ctx, m, n)
 		if err != nil {
 			return admin.Failed, fmt.Sprintf("reports sent, but the failed state could not be saved (%v); they may be sent again", err), keep, keepDue
 		}
-		return admin.Changed, fmt.Sprintf("%d recipients failed, reports sent as requested", len(pending)), reschedule, due
+		return admin.Changed, fmt.Sprintf("%d recipients failed, reports sent as requested", n), reschedule, due
 	}
 	return admin.Failed, "unknown operation " + string(op), keep, keepDue
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/foxcpp/maddy/framework/module"
 
 	"github.com/maddy-spool/spool/internal/dsn"
+	"github.com/maddy-spool/spool/internal/target/queue/fate"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 )
 
@@ -36,6 +37,11 @@ type settings struct {
 	// returnSizeLimit is the largest original (header and body) a RET=FULL
 	// failure report returns whole; larger ones get their header only.
 	returnSizeLimit int64
+}
+
+// rules are the per-recipient rules these settings give.
+func (s *settings) rules() fate.Rules {
+	return fate.Rules{Policy: s.policy, DelayWarning: s.delayWarning, DelayRepeat: s.delayRepeat}
 }
 
 // configure reads the target.spool block. It is a superset of maddy's

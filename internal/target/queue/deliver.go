@@ -12,6 +12,7 @@ import (
 	"github.com/foxcpp/maddy/framework/module"
 
 	"github.com/maddy-spool/spool/internal/target/queue/attempt"
+	"github.com/maddy-spool/spool/internal/target/queue/fate"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
@@ -85,7 +86,7 @@ func (q *Queue) loadErrorDecision(id store.ID, err error) (reschedule bool, due 
 }
 
 // errAttemptCancelled is what deliver returns for an attempt the shutdown
-// cancelled: the attempt does not count (see recordCancelled).
+// cancelled: the attempt does not count (see fate.Rules.Apply).
 var errAttemptCancelled = errors.New("attempt cancelled by shutdown")
 
 // deliver runs one attempt for the pending recipients of m and records the
@@ -116,82 +117,35 @@ func (q *Queue) deliver(m *store.Message) error {
 		Header: header,
 		Body:   content.Body,
 	})
-	took := time.Since(started)
+	a := fate.Attempt{Time: now, Duration: time.Since(started), Results: make([]*store.SMTPStatus, len(errs))}
+	for i, err := range errs {
+		if err != nil {
+			st := attempt.Status(err)
+			a.Results[i] = &st
+		}
+	}
 	if q.attemptCtx.Err() != nil {
-		recordCancelled(m, pending, errs, now)
+		a.Cancelled = true
+		q.cfg.rules().Apply(m, a, 0)
 		return errAttemptCancelled
 	}
-	metrics.AttemptDuration.WithLabelValues(q.label()).Observe(took.Seconds())
-
-	rec := store.AttemptRecord{Time: now, Duration: took}
-	maxTries := 0
+	metrics.AttemptDuration.WithLabelValues(q.label()).Observe(a.Duration.Seconds())
+	q.cfg.rules().Apply(m, a, q.rand())
 	for i, idx := range pending {
-		r := &m.Rcpts[idx]
-		r.Tries++
-		r.LastAttempt = now
-		if r.Tries > maxTries {
-			maxTries = r.Tries
-		}
-		if errs[i] == nil {
-			r.State, r.LastError = store.RcptDelivered, nil
-			rec.Delivered++
+		st, rc := a.Results[i], &m.Rcpts[idx]
+		switch {
+		case st == nil:
 			metrics.Attempts.WithLabelValues(q.label(), metrics.ResultDelivered).Inc()
 			continue
-		}
-		st := attempt.Status(errs[i])
-		r.LastError = &st
-		if rec.Error == "" {
-			rec.Error = attempt.FormatStatus(st)
-		}
-		if st.Temporary {
-			rec.Temporary++
+		case st.Temporary:
 			metrics.Attempts.WithLabelValues(q.label(), metrics.ResultTemporary).Inc()
-		} else {
-			r.State = store.RcptFailed
-			rec.Permanent++
+		default:
 			metrics.Attempts.WithLabelValues(q.label(), metrics.ResultPermanent).Inc()
 		}
-		q.Log.Msg("delivery attempt failed", "queue_id", m.ID.String(), "msg_id", m.MsgID, "rcpt", r.Addr,
-			"temporary", st.Temporary, "smtp_code", st.Code, "reason", st.Message, "tries", r.Tries)
-	}
-	if m.FirstAttempt.IsZero() {
-		m.FirstAttempt = now
-	}
-	m.LastAttempt = now
-	m.Attempts++
-	m.AddHistory(rec)
-
-	if rec.Temporary > 0 {
-		retry := q.cfg.policy.AfterFailure(maxTries, m.Arrival, now, q.rand())
-		if retry.GiveUp {
-			// Out of tries or time: what is still temporary becomes
-			// permanent, keeping the last (4xx) error for the DSN.
-			for _, idx := range m.Pending() {
-				m.Rcpts[idx].State = store.RcptFailed
-			}
-		} else {
-			m.NextAttempt = q.delayWarningAttempt(m, now, retry.At)
-		}
+		q.Log.Msg("delivery attempt failed", "queue_id", m.ID.String(), "msg_id", m.MsgID, "rcpt", rc.Addr,
+			"temporary", st.Temporary, "smtp_code", st.Code, "reason", st.Message, "tries", rc.Tries)
 	}
 	return nil
-}
-
-// delayWarningAttempt moves the next attempt earlier to the next delay
-// report mark (delay_warning, then every delay_warning_repeat) when one
-// would fall due before it: reports are sent after attempts, and a report
-// hours late is little use.
-func (q *Queue) delayWarningAttempt(m *store.Message, now, next time.Time) time.Time {
-	at := next
-	for _, idx := range m.Pending() {
-		r := &m.Rcpts[idx]
-		if !wantsReport(r, reportedDelay) {
-			continue
-		}
-		if mark, ok := q.nextDelayReport(m, r, now); ok && mark.Before(at) {
-			at = mark
-		}
-	}
-	return at
 }
 
 // nestedMeta rebuilds maddy's message metadata for the nested target. The
@@ -215,21 +169,6 @@ func (q *Queue) nestedMeta(m *store.Message) *module.MsgMetadata {
 		}
 	}
 	return meta
-}
-
-// recordCancelled records in m what an attempt cancelled by the shutdown
-// achieved: only the recipients the target accepted before the
-// cancellation. The errors of the others are the cancellation's, not
-// answers about the mail, so those recipients keep their last saved state:
-// no try is counted, no error recorded, no report owed.
-func recordCancelled(m *store.Message, pending []int, errs []error, now time.Time) {
-	for i, idx := range pending {
-		if errs[i] == nil {
-			r := &m.Rcpts[idx]
-			r.State, r.LastError, r.LastAttempt = store.RcptDelivered, nil, now
-			r.Tries++
-		}
-	}
 }
 
 // saveCancelled saves the recipients a cancelled attempt delivered, so

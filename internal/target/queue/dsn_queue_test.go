@@ -1004,37 +1004,3 @@ func TestReceivedFromMTA(t *testing.T) {
 		})
 	}
 }
-
-// TestDelayReportMarks checks the delay report schedule directly,
-// including catching up after a long downtime with one report, not one
-// per missed interval.
-func TestDelayReportMarks(t *testing.T) {
-	q := &Queue{cfg: settings{delayWarning: 5 * time.Minute, delayRepeat: 7 * time.Minute}}
-	m := &store.Message{Arrival: t0}
-	r := &store.Rcpt{}
-	at := func(d time.Duration) time.Time { return t0.Add(d) }
-	for _, step := range []struct {
-		sentAt  time.Duration // a delay report is sent at this time
-		wantDue time.Duration // then the next one is due at this time
-	}{
-		{5 * time.Minute, 12 * time.Minute},
-		{12*time.Minute + 30*time.Second, 19 * time.Minute},
-		{3 * time.Hour, 3*time.Hour + 7*time.Minute}, // marks at 5m + k×7m: 180m is past the 25th repeat, next is 187m
-	} {
-		if due, ok := q.delayReportDue(m, r); !ok || at(step.sentAt).Before(due) {
-			t.Fatalf("at %v no report due (next due %v)", step.sentAt, due.Sub(t0))
-		}
-		q.markReported(m, r, reportedDelay, at(step.sentAt))
-		due, ok := q.delayReportDue(m, r)
-		if !ok || !due.Equal(at(step.wantDue)) {
-			t.Fatalf("after a report at %v the next is due at %v, want %v", step.sentAt, due.Sub(t0), step.wantDue)
-		}
-		if next, _ := q.nextDelayReport(m, r, at(step.sentAt)); !next.Equal(due) {
-			t.Fatalf("nextDelayReport %v, want %v", next.Sub(t0), step.wantDue)
-		}
-	}
-	q.cfg.delayRepeat = 0
-	if _, ok := q.delayReportDue(m, r); ok {
-		t.Fatal("a repeat is due with delay_warning_repeat off")
-	}
-}

@@ -17,129 +17,23 @@ import (
 
 	"github.com/maddy-spool/spool/internal/dsn"
 	"github.com/maddy-spool/spool/internal/target/queue/attempt"
+	"github.com/maddy-spool/spool/internal/target/queue/fate"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
-
-// Bits of store.Rcpt.Reported: which reports a recipient has had, so none
-// is sent twice, also across restarts.
-const (
-	reportedFailure uint8 = 1 << iota
-	reportedDelay
-	reportedSuccess
-)
-
-// wantsReport applies RFC 3461's NOTIFY rules to one kind of report.
-// Without NOTIFY, failures and delays are reported (the customary default
-// the RFC allows); NOTIFY=NEVER silences everything; otherwise only the
-// kinds listed are reported.
-func wantsReport(r *store.Rcpt, kind uint8) bool {
-	if len(r.Notify) == 0 {
-		return kind == reportedFailure || kind == reportedDelay
-	}
-	var want string
-	switch kind {
-	case reportedFailure:
-		want = "FAILURE"
-	case reportedDelay:
-		want = "DELAY"
-	case reportedSuccess:
-		want = "SUCCESS"
-	}
-	for _, n := range r.Notify {
-		if strings.EqualFold(n, "NEVER") {
-			return false
-		}
-		if strings.EqualFold(n, want) {
-			return true
-		}
-	}
-	return false
-}
-
-// delayReportDue returns when r's next delay report falls due: at
-// delay_warning after arrival, then (with delay_warning_repeat) every
-// repeat interval after that. ok is false when none will.
-func (q *Queue) delayReportDue(m *store.Message, r *store.Rcpt) (due time.Time, ok bool) {
-	if q.cfg.delayWarning <= 0 {
-		return time.Time{}, false
-	}
-	first := m.Arrival.Add(q.cfg.delayWarning)
-	switch {
-	case r.Reported&reportedDelay == 0:
-		return first, true
-	case q.cfg.delayRepeat <= 0:
-		return time.Time{}, false
-	}
-	return first.Add(time.Duration(r.DelayRepeats+1) * q.cfg.delayRepeat), true
-}
-
-// nextDelayReport returns the first delay report time after now for r,
-// counting the one due now (if any) as sent: where the next attempt should
-// be at the latest, so that report goes out on time.
-func (q *Queue) nextDelayReport(m *store.Message, r *store.Rcpt, now time.Time) (time.Time, bool) {
-	due, ok := q.delayReportDue(m, r)
-	if !ok || due.After(now) {
-		return due, ok
-	}
-	if q.cfg.delayRepeat <= 0 {
-		return time.Time{}, false
-	}
-	first := m.Arrival.Add(q.cfg.delayWarning)
-	return first.Add((now.Sub(first)/q.cfg.delayRepeat + 1) * q.cfg.delayRepeat), true
-}
-
-// markReported records that r got (or was given up on for) a report of
-// kind at now. A delay report covers every repeat interval that has begun
-// by now, so a server that was down for days sends one report, not one
-// per missed interval.
-func (q *Queue) markReported(m *store.Message, r *store.Rcpt, kind uint8, now time.Time) {
-	if kind == reportedDelay && q.cfg.delayRepeat > 0 {
-		if first := m.Arrival.Add(q.cfg.delayWarning); now.After(first) {
-			r.DelayRepeats = int(now.Sub(first) / q.cfg.delayRepeat)
-		}
-	}
-	r.Reported |= kind
-}
-
-// owedReports returns, per recipient index, the report kind it is owed
-// now (0 for none): one report per message per event, covering every
-// recipient owed one.
-func (q *Queue) owedReports(m *store.Message, now time.Time) map[int]uint8 {
-	owed := map[int]uint8{}
-	for i := range m.Rcpts {
-		r := &m.Rcpts[i]
-		var kind uint8
-		switch {
-		case r.State == store.RcptFailed:
-			kind = reportedFailure
-		case r.State == store.RcptDelivered:
-			kind = reportedSuccess
-		case r.State == store.RcptPending && r.LastError != nil:
-			if due, ok := q.delayReportDue(m, r); ok && !now.Before(due) {
-				kind = reportedDelay
-			}
-		}
-		// Failure and success are reported once; delayReportDue already
-		// says whether another delay report is due.
-		if kind != 0 && (r.Reported&kind == 0 || kind == reportedDelay) && wantsReport(r, kind) {
-			owed[i] = kind
-		}
-	}
-	return owed
-}
 
 // sendReports sends the DSN m is owed after an attempt and records it in
 // m. It returns true when a failure report is still owed because it could
 // not be handed over (the message is then kept so the report is retried).
 func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
-	owed := q.owedReports(m, now)
+	rules := q.cfg.rules()
+	owed := rules.Owed(m, now)
 	if len(owed) == 0 {
 		return false
 	}
 	markAll := func() {
 		for i, kind := range owed {
-			q.markReported(m, &m.Rcpts[i], kind, now)
+			rules.MarkReported(m, i, kind, now)
 		}
 	}
 	switch {
@@ -171,7 +65,7 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 	q.Log.Error("cannot hand DSN to the bounce pipeline", err, "queue_id", m.ID.String(), "msg_id", m.MsgID)
 	failureOwed := false
 	for _, kind := range owed {
-		failureOwed = failureOwed || kind == reportedFailure
+		failureOwed = failureOwed || kind == fate.Failure
 	}
 	if failureOwed && now.Before(q.cfg.policy.Until(m.Arrival).Add(reportGiveUp)) {
 		return true
@@ -182,7 +76,7 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 	return false
 }
 
-func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]uint8, now time.Time) error {
+func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]fate.Kind, now time.Time) error {
 	content, err := q.store.Content(m)
 	if err != nil {
 		return err
@@ -222,7 +116,7 @@ func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]u
 			continue
 		}
 		rep.Recipients = append(rep.Recipients, q.reportRecipient(m, &m.Rcpts[i], kind))
-		anyFailure = anyFailure || kind == reportedFailure
+		anyFailure = anyFailure || kind == fate.Failure
 	}
 	if strings.EqualFold(m.MailOpts.Return, string(smtp.DSNReturnFull)) && anyFailure {
 		rep.Return = dsn.ReturnFull
@@ -293,7 +187,7 @@ func reportTo(m *store.Message) string {
 	return m.From
 }
 
-func (q *Queue) reportRecipient(m *store.Message, r *store.Rcpt, kind uint8) dsn.Recipient {
+func (q *Queue) reportRecipient(m *store.Message, r *store.Rcpt, kind fate.Kind) dsn.Recipient {
 	out := dsn.Recipient{
 		FinalRecipient:  r.Addr,
 		LastAttemptDate: r.LastAttempt,
@@ -305,16 +199,16 @@ func (q *Queue) reportRecipient(m *store.Message, r *store.Rcpt, kind uint8) dsn
 		out.OriginalRecipientType, out.OriginalRecipient = r.OrigType, r.Orig
 	}
 	switch kind {
-	case reportedFailure:
+	case fate.Failure:
 		out.Action = dsn.ActionFailed
-	case reportedDelay:
+	case fate.Delay:
 		out.Action = dsn.ActionDelayed
 		out.WillRetryUntil = q.cfg.policy.Until(m.Arrival)
-	case reportedSuccess:
+	case fate.Success:
 		out.Action = dsn.Action(q.cfg.successAction)
 		out.Status = "2.0.0"
 	}
-	if e := r.LastError; e != nil && kind != reportedSuccess {
+	if e := r.LastError; e != nil && kind != fate.Success {
 		out.Status = fmt.Sprintf("%d.%d.%d", e.Enhanced[0], e.Enhanced[1], e.Enhanced[2])
 		out.RemoteMTA = e.RemoteMTA
 		out.DiagnosticCode = attempt.FormatStatus(*e)
