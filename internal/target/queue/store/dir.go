@@ -39,6 +39,9 @@ var (
 	bucketQuarantine = []byte("quarantine")
 	bucketInfo       = []byte("info")
 	keyFormat        = []byte("format")
+	// keyLastID holds the highest ID ever committed (8 bytes, big-endian),
+	// so IDs of deleted messages are not handed out again.
+	keyLastID = []byte("last_id")
 )
 
 // dbFormat is the version of the database layout. A database written with a
@@ -288,19 +291,40 @@ func checkFormatValue(v []byte) error {
 	return fmt.Errorf("store: queue database format %d is not %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
 }
 
-// initNextID continues after the highest ID ever used by an entry, a
-// quarantined entry, or a content file, so no ID is handed out twice.
+// raiseLastID raises the stored high-water mark of IDs to id.
+func raiseLastID(info *bolt.Bucket, id ID) error {
+	if id == 0 || id <= storedLastID(info) {
+		return nil
+	}
+	return info.Put(keyLastID, idKey(id))
+}
+
+// storedLastID returns the high-water mark of IDs, 0 if none is stored
+// (a database written by a build that did not keep one).
+func storedLastID(info *bolt.Bucket) ID {
+	if info == nil {
+		return 0
+	}
+	id, _ := keyID(info.Get(keyLastID))
+	return id
+}
+
+// initNextID continues after the stored high-water mark and after the
+// highest ID used by an entry, a quarantined entry, or a content file (in
+// bodies/ or quarantine/), so no ID is handed out twice, also in a store
+// whose database has no high-water mark yet.
 func (d *Dir) initNextID() error {
-	var max ID
+	var last ID
 	err := d.db.View(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketMeta, bucketQuarantine} {
+		last = storedLastID(tx.Bucket(bucketInfo))
+		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
 			b := tx.Bucket(name)
 			if b == nil {
 				continue
 			}
 			if k, _ := b.Cursor().Last(); k != nil {
-				if id, ok := keyID(k); ok && id > max {
-					max = id
+				if id, ok := keyID(k); ok {
+					last = max(last, id)
 				}
 			}
 		}
@@ -309,17 +333,33 @@ func (d *Dir) initNextID() error {
 	if err != nil {
 		return err
 	}
-	entries, err := d.fs.ReadDir(d.bodiesDir())
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("store: %w", err)
+	for _, dir := range []string{d.bodiesDir(), d.quarantineDir()} {
+		id, err := d.highestFileID(dir)
+		if err != nil {
+			return err
+		}
+		last = max(last, id)
 	}
+	d.nextID.Store(uint64(last))
+	return nil
+}
+
+// highestFileID returns the highest ID that names a file in dir: a content
+// file ("ID"), a leftover ("ID.tmp"), or a file moved to quarantine/
+// ("ID.damaged-STAMP", "ID.N").
+func (d *Dir) highestFileID(dir string) (ID, error) {
+	entries, err := d.fs.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("store: %w", err)
+	}
+	var last ID
 	for _, e := range entries {
-		if id, err := ParseID(strings.TrimSuffix(e.Name(), ".tmp")); err == nil && id > max {
-			max = id
+		name, _, _ := strings.Cut(e.Name(), ".")
+		if id, err := ParseID(name); err == nil {
+			last = max(last, id)
 		}
 	}
-	d.nextID.Store(uint64(max))
-	return nil
+	return last, nil
 }
 
 // removeOrphans deletes content files that no committed entry refers to.
@@ -432,7 +472,11 @@ func (d *Dir) commit(batch []*op) {
 		err = d.db.Update(func(tx *bolt.Tx) error {
 			meta, sched := tx.Bucket(bucketMeta), tx.Bucket(bucketSched)
 			content, quar := tx.Bucket(bucketContent), tx.Bucket(bucketQuarantine)
+			var lastID ID
 			for i, o := range batch {
+				if o.kind == opCreate {
+					lastID = max(lastID, o.id)
+				}
 				errs[i] = applyOp(o, meta, sched, content, quar)
 				// Only bbolt's own failures abort the transaction; a
 				// per-operation error (e.g. not found) fails just that one.
@@ -440,7 +484,7 @@ func (d *Dir) commit(batch []*op) {
 					return errs[i]
 				}
 			}
-			return nil
+			return raiseLastID(tx.Bucket(bucketInfo), lastID)
 		})
 	}
 	for i, o := range batch {

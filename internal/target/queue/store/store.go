@@ -82,7 +82,9 @@ import (
 // ID identifies a queued message within one store. IDs are allocated in
 // increasing order and never reused while the store exists, so two messages
 // can never share a file name even when maddy's own 4-byte message IDs
-// collide.
+// collide, and an ID an operator saw earlier never names another message.
+// The directory store keeps the highest ID committed in its database, in
+// the transaction that commits it.
 type ID uint64
 
 // String returns the 16-digit hexadecimal form used in file names, logs and
