@@ -382,10 +382,10 @@ func (d *Dir) removeOrphans() error {
 			if perr == nil && quar.Get(idKey(id)) != nil {
 				// Quarantined, but the move of its content file did not
 				// happen or was lost in a crash: finish it, never delete.
-				if err := d.fs.Rename(filepath.Join(d.bodiesDir(), name), filepath.Join(d.quarantineDir(), name)); err != nil {
+				if dst, err := d.moveNoReplace(filepath.Join(d.bodiesDir(), name), d.quarantineDir(), name); err != nil {
 					d.logf("store: moving content file %s of quarantined entry to %s: %v", name, d.quarantineDir(), err)
 				} else {
-					d.logf("store: moved content file %s of quarantined entry to %s", name, d.quarantineDir())
+					d.logf("store: moved content file %s of quarantined entry to %s", name, dst)
 					moved++
 				}
 				continue
@@ -405,6 +405,31 @@ func (d *Dir) removeOrphans() error {
 		err = d.fs.SyncDir(d.quarantineDir())
 	}
 	return err
+}
+
+// maxRenameTries bounds the names moveNoReplace tries.
+const maxRenameTries = 1000
+
+// moveNoReplace moves src into dir as name, never replacing a file there:
+// if name is taken, it uses name.1, name.2, ... and logs that. It returns
+// the path moved to.
+func (d *Dir) moveNoReplace(src, dir, name string) (string, error) {
+	for i := 0; ; i++ {
+		dst := filepath.Join(dir, name)
+		if i > 0 {
+			dst = fmt.Sprintf("%s.%d", dst, i)
+		}
+		err := d.fs.RenameNoReplace(src, dst)
+		if err == nil {
+			if i > 0 {
+				d.logf("store: %s exists; moved %s to %s instead", filepath.Join(dir, name), src, dst)
+			}
+			return dst, nil
+		}
+		if !errors.Is(err, os.ErrExist) || i == maxRenameTries {
+			return "", err
+		}
+	}
 }
 
 func (d *Dir) bodiesDir() string     { return filepath.Join(d.path, "bodies") }
@@ -575,7 +600,7 @@ func (d *Dir) afterCommit(o *op) {
 	case opQuarantine:
 		// The quarantine record is committed; if this move is lost in a
 		// crash, the next OpenDir finishes it (see removeOrphans).
-		err = d.fs.Rename(src, filepath.Join(d.quarantineDir(), o.id.String()))
+		_, err = d.moveNoReplace(src, d.quarantineDir(), o.id.String())
 		if err == nil {
 			err = d.fs.SyncDir(d.quarantineDir())
 		}
