@@ -220,28 +220,39 @@ func isDamagedDB(err error) bool {
 // every content file (they belong to the entries in it), and starts afresh,
 // so the server keeps accepting and delivering new mail. Nothing is deleted:
 // the operator can inspect or restore what was moved.
+//
+// The content files are moved first and the database last: if a move
+// fails, OpenDir fails and queue.db is still in place, so the next open
+// tries again. Had the database gone first, the next open would start a
+// new one and remove the files left in bodies/ as orphans.
 func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Duration) (*bolt.DB, error) {
-	stamp := time.Now().UTC().Format("20060102T150405Z")
-	aside := dbPath + ".damaged-" + stamp
-	if err := d.fs.Rename(dbPath, aside); err != nil {
-		return nil, fmt.Errorf("%v; moving it aside failed: %w", openErr, err)
-	}
+	suffix := ".damaged-" + time.Now().UTC().Format("20060102T150405Z")
 	entries, err := d.fs.ReadDir(d.bodiesDir())
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%v; listing content files to move aside: %w", openErr, err)
 	}
 	for _, e := range entries {
-		_ = d.fs.Rename(filepath.Join(d.bodiesDir(), e.Name()),
-			filepath.Join(d.quarantineDir(), e.Name()+".damaged-"+stamp))
+		src := filepath.Join(d.bodiesDir(), e.Name())
+		if _, err := d.moveNoReplace(src, d.quarantineDir(), e.Name()+suffix); err != nil {
+			return nil, fmt.Errorf("%v; moving content file %s to %s failed, so the database is left in place and nothing is deleted: %w",
+				openErr, e.Name(), d.quarantineDir(), err)
+		}
 	}
-	// The moves must be durable before the new, empty database is: else a
-	// power loss could leave the content files in bodies/ next to a
+	// The moves must be durable before the database is moved aside: else
+	// a power loss could leave the content files in bodies/ next to a new
 	// database that does not know them, and they would be removed as
 	// orphans.
-	for _, dir := range []string{d.quarantineDir(), d.bodiesDir(), d.path} {
+	for _, dir := range []string{d.quarantineDir(), d.bodiesDir()} {
 		if err := d.fs.SyncDir(dir); err != nil {
-			return nil, fmt.Errorf("%v; moving it aside: %w", openErr, err)
+			return nil, fmt.Errorf("%v; moving content files aside: %w", openErr, err)
 		}
+	}
+	aside, err := d.moveNoReplace(dbPath, d.path, filepath.Base(dbPath)+suffix)
+	if err != nil {
+		return nil, fmt.Errorf("%v; moving it aside failed: %w", openErr, err)
+	}
+	if err := d.fs.SyncDir(d.path); err != nil {
+		return nil, fmt.Errorf("%v; moving it aside: %w", openErr, err)
 	}
 	d.logf("store: %s could not be opened (%v); moved it to %s and %d content files to %s; starting with an empty queue",
 		dbPath, openErr, aside, len(entries), d.quarantineDir())

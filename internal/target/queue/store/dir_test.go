@@ -522,6 +522,26 @@ func TestScheduleVisitsManyEntriesInChunks(t *testing.T) {
 type faultFS struct {
 	OSFS
 	failWrite, failSync, failSyncDir bool
+	// renameErr, if set, is asked before each rename of oldName.
+	renameErr func(oldName string) error
+}
+
+func (fs *faultFS) Rename(oldName, newName string) error {
+	if fs.renameErr != nil {
+		if err := fs.renameErr(oldName); err != nil {
+			return err
+		}
+	}
+	return fs.OSFS.Rename(oldName, newName)
+}
+
+func (fs *faultFS) RenameNoReplace(oldName, newName string) error {
+	if fs.renameErr != nil {
+		if err := fs.renameErr(oldName); err != nil {
+			return err
+		}
+	}
+	return fs.OSFS.RenameNoReplace(oldName, newName)
 }
 
 type faultFile struct {

@@ -53,10 +53,16 @@
 // the caller and counted, and the rest of the queue carries on. The move of
 // the file follows the commit of the quarantine record; if a crash loses
 // the move, Open finishes it instead of removing the file as an orphan.
+// A move into quarantine/ never replaces a file there: a taken name gets
+// a numeric suffix (ID.1, ID.2, ...), which is logged.
+//
 // When queue.db itself cannot be opened (garbage, empty, or shorter than
-// its own meta page says, which bbolt would meet as SIGBUS), it and every
-// content file are moved aside (and those moves fsynced) before a new,
-// empty database is created.
+// its own meta page says, which bbolt would meet as SIGBUS), every content
+// file is moved to quarantine/ (suffix .damaged-STAMP) and those moves are
+// fsynced, then queue.db is moved aside and that is fsynced, and only then
+// is a new, empty database created. If a content file cannot be moved,
+// OpenDir fails with an error naming it; queue.db stays in place and
+// nothing is deleted, so the next open tries again.
 //
 // Content files are opened without following symlinks and must be regular
 // files of exactly the size the metadata gives; anything else is damage
