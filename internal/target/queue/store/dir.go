@@ -147,7 +147,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		}
 	}
 
-	dbPath := filepath.Join(path, "queue.db")
+	dbPath := filepath.Join(path, dbName)
 	var db *bolt.DB
 	err := checkBoltFile(dbPath)
 	if err == nil {
@@ -226,7 +226,7 @@ func isDamagedDB(err error) bool {
 // tries again. Had the database gone first, the next open would start a
 // new one and remove the files left in bodies/ as orphans.
 func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Duration) (*bolt.DB, error) {
-	suffix := ".damaged-" + time.Now().UTC().Format("20060102T150405Z")
+	suffix := damagedSuffix + time.Now().UTC().Format("20060102T150405Z")
 	entries, err := d.fs.ReadDir(d.bodiesDir())
 	if err != nil {
 		return nil, fmt.Errorf("%v; listing content files to move aside: %w", openErr, err)
@@ -247,7 +247,7 @@ func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Durati
 			return nil, fmt.Errorf("%v; moving content files aside: %w", openErr, err)
 		}
 	}
-	aside, err := d.moveNoReplace(dbPath, d.path, filepath.Base(dbPath)+suffix)
+	aside, err := d.moveNoReplace(dbPath, d.path, dbName+suffix)
 	if err != nil {
 		return nil, fmt.Errorf("%v; moving it aside failed: %w", openErr, err)
 	}
@@ -264,6 +264,10 @@ func (d *Dir) initBuckets() error {
 	if d.readOnly {
 		return d.db.View(func(tx *bolt.Tx) error { return checkFormat(tx.Bucket(bucketInfo)) })
 	}
+	floor, err := d.replacementFloor()
+	if err != nil {
+		return err
+	}
 	return d.db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
@@ -275,10 +279,42 @@ func (d *Dir) initBuckets() error {
 			return err
 		}
 		if info.Get(keyFormat) == nil {
+			// A new database: its first transaction sets the floor, so
+			// no crash can leave it without one.
+			if err := raiseLastID(info, floor); err != nil {
+				return err
+			}
 			return info.Put(keyFormat, []byte{dbFormat})
 		}
 		return checkFormat(info)
 	})
+}
+
+const (
+	dbName = "queue.db"
+	// damagedSuffix, followed by the time, is appended to the names of a
+	// damaged database and its content files when they are moved aside.
+	damagedSuffix = ".damaged-"
+)
+
+// replacementFloor returns the ID above which a new database starts: 0,
+// unless a damaged database was moved aside in this directory (by this
+// open, or by an earlier one that crashed before the new database was
+// committed). Then it is the higher of recoveryIDFloor and the highest ID
+// among the files in quarantine/, which the damaged one's content files
+// were moved to.
+func (d *Dir) replacementFloor() (ID, error) {
+	entries, err := d.fs.ReadDir(d.path)
+	if err != nil {
+		return 0, fmt.Errorf("store: %w", err)
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), dbName+damagedSuffix) {
+			moved, err := d.highestFileID(d.quarantineDir())
+			return max(moved, recoveryIDFloor(time.Now())), err
+		}
+	}
+	return 0, nil
 }
 
 func checkFormat(info *bolt.Bucket) error {
@@ -970,4 +1006,17 @@ func (d *Dir) Close() error {
 		<-d.done
 	}
 	return d.db.Close()
+}
+
+// recoveryIDFloor returns the ID above which a database replacing a damaged
+// one starts. The damaged database cannot be read, so the floor must be
+// above any ID it could have issued. The floor is the time in units of
+// 2^-20 seconds (Unix seconds shifted left by 20 bits, plus the fraction
+// of the second), so it grows by about one per microsecond: a database
+// counting from 1 would have had to issue about a million IDs per second
+// since 1970 to reach it, and one that started at an earlier floor more
+// than one per microsecond since it was created. Each later recovery gets
+// a higher floor, as long as the clock does not go back.
+func recoveryIDFloor(now time.Time) ID {
+	return ID(uint64(now.Unix())<<20 | uint64(now.Nanosecond())<<20/1e9)
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // damageDB replaces queue.db by garbage bbolt cannot open.
@@ -99,5 +100,68 @@ func TestRecoveryNeverDeletesWhatItCouldNotMove(t *testing.T) {
 	}
 	if n, _ := s2.Quarantined(); n != 0 {
 		t.Fatalf("new database holds %d quarantine records", n)
+	}
+}
+
+// TestRecoveryNeverReusesIDs: a database that replaces a damaged one never
+// hands out an ID the damaged one may have used, though it cannot be read.
+func TestRecoveryNeverReusesIDs(t *testing.T) {
+	moveAside := func(t *testing.T, dir string) {
+		if err := os.Rename(filepath.Join(dir, "queue.db"), filepath.Join(dir, "queue.db.damaged-20260101T000000Z")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		// recoveries is how many times the database is damaged, with
+		// messages stored after each.
+		recoveries int
+		damage     func(t *testing.T, dir string)
+	}{
+		{"damaged database", 1, damageDB},
+		{"damaged twice", 2, damageDB},
+		{"crash after the database was moved aside", 1, moveAside},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			var last ID
+			for i := 0; i <= tc.recoveries; i++ {
+				floor := recoveryIDFloor(time.Now())
+				s := openTest(t, dir, DirOptions{})
+				ids := createN(t, s, 3, false)
+				if ids[0] <= last {
+					t.Fatalf("after %d recoveries: ID %v reuses one up to %v", i, ids[0], last)
+				}
+				if i > 0 && ids[0] <= floor {
+					t.Fatalf("after %d recoveries: ID %v not above the floor %v", i, ids[0], floor)
+				}
+				last = ids[len(ids)-1]
+				s.Close()
+				tc.damage(t, dir)
+			}
+		})
+	}
+}
+
+func TestRecoveryIDFloor(t *testing.T) {
+	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		name string
+		a, b time.Time
+	}{
+		{"a second later", base, base.Add(time.Second)},
+		{"a microsecond later", base, base.Add(time.Microsecond)},
+		{"within the same second", base.Add(100 * time.Millisecond), base.Add(900 * time.Millisecond)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if fa, fb := recoveryIDFloor(tc.a), recoveryIDFloor(tc.b); fb <= fa {
+				t.Fatalf("floor at %v = %v, not above %v at %v", tc.b, fb, fa, tc.a)
+			}
+		})
+	}
+	// Above what a counter from 1 could reach at one ID per microsecond
+	// since 1970.
+	if f := recoveryIDFloor(base); f < ID(base.UnixMicro()) {
+		t.Fatalf("floor %v below %v", f, base.UnixMicro())
 	}
 }
