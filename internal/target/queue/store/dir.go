@@ -70,6 +70,7 @@ type DirOptions struct {
 // content files. See the package documentation for its durability contract.
 type Dir struct {
 	path        string
+	lock        *storeLock
 	db          *bolt.DB
 	fs          FS
 	readOnly    bool
@@ -147,7 +148,30 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		}
 	}
 
-	dbPath := filepath.Join(path, dbName)
+	lock, err := lockStore(path, d.readOnly, timeout)
+	if err != nil {
+		return nil, err
+	}
+	d.lock = lock
+	db, err := d.openDB(timeout)
+	if err != nil {
+		lock.release()
+		return nil, err
+	}
+	d.db = db
+	if err := d.init(); err != nil {
+		db.Close()
+		lock.release()
+		return nil, err
+	}
+	return d, nil
+}
+
+// openDB opens queue.db, moving it aside first if it is damaged. The
+// caller holds the store's lock, so the database is not being written by
+// another opener while it is judged.
+func (d *Dir) openDB(timeout time.Duration) (*bolt.DB, error) {
+	dbPath := filepath.Join(d.path, dbName)
 	var db *bolt.DB
 	err := checkBoltFile(dbPath)
 	if err == nil {
@@ -158,7 +182,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		})
 	}
 	if errors.Is(err, berrors.ErrTimeout) {
-		return nil, fmt.Errorf("store: %s is locked by another process (is another maddy running on this queue?)", dbPath)
+		return nil, lockedError(dbPath, "another process")
 	}
 	if err != nil && !d.readOnly && isDamagedDB(err) {
 		db, err = d.recoverDamagedDB(dbPath, err, timeout)
@@ -166,32 +190,32 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", dbPath, err)
 	}
-	d.db = db
+	return db, nil
+}
 
+// init readies an opened database and, for a writer, cleans up and starts
+// the committer.
+func (d *Dir) init() error {
 	if !d.readOnly {
 		if err := d.syncNames(); err != nil {
-			db.Close()
-			return nil, err
+			return err
 		}
 	}
 	if err := d.initBuckets(); err != nil {
-		db.Close()
-		return nil, err
+		return err
 	}
 	if err := d.initNextID(); err != nil {
-		db.Close()
-		return nil, err
+		return err
 	}
 	if !d.readOnly {
 		if err := d.removeOrphans(); err != nil {
-			db.Close()
-			return nil, err
+			return err
 		}
 		d.ops = make(chan *op, maxBatch)
 		d.done = make(chan struct{})
 		go d.commitLoop()
 	}
-	return d, nil
+	return nil
 }
 
 // syncNames makes the names of the store's directory, queue.db, bodies/ and
@@ -226,6 +250,11 @@ func isDamagedDB(err error) bool {
 // tries again. Had the database gone first, the next open would start a
 // new one and remove the files left in bodies/ as orphans.
 func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Duration) (*bolt.DB, error) {
+	unlock, err := lockDBFile(dbPath)
+	if err != nil {
+		return nil, fmt.Errorf("%v; not moved aside: %w", openErr, err)
+	}
+	defer unlock()
 	suffix := damagedSuffix + time.Now().UTC().Format("20060102T150405Z")
 	entries, err := d.fs.ReadDir(d.bodiesDir())
 	if err != nil {
@@ -1005,7 +1034,9 @@ func (d *Dir) Close() error {
 	if d.done != nil {
 		<-d.done
 	}
-	return d.db.Close()
+	err := d.db.Close()
+	d.lock.release()
+	return err
 }
 
 // recoveryIDFloor returns the ID above which a database replacing a damaged

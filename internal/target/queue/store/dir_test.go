@@ -477,15 +477,6 @@ func TestReadOnly(t *testing.T) {
 	}
 }
 
-func TestLockedByAnotherProcess(t *testing.T) {
-	dir := t.TempDir()
-	openTest(t, dir, DirOptions{})
-	_, err := OpenDir(dir, DirOptions{LockTimeout: 50 * time.Millisecond})
-	if err == nil || !strings.Contains(err.Error(), "locked") {
-		t.Fatalf("second OpenDir = %v, want a lock error", err)
-	}
-}
-
 func TestScheduleVisitsManyEntriesInChunks(t *testing.T) {
 	s := openTest(t, t.TempDir(), DirOptions{})
 	const n = scanChunk*2 + 17

@@ -7,6 +7,9 @@
 //
 // # Layout of the directory store (Dir)
 //
+//	LOCATION/lock            lock file: flock held while the store is open,
+//	                         exclusive with the writer's PID in it, or
+//	                         shared by read-only openers
 //	LOCATION/queue.db        bbolt database: buckets meta, sched, content,
 //	                         quarantine, info
 //	LOCATION/bodies/ID       content of messages larger than InlineLimit
@@ -19,6 +22,13 @@
 // after the transaction holding its own change has been fsynced.
 //
 // # Durability contract
+//
+// OpenDir takes the lock before it reads queue.db, and fails, naming the
+// holder's PID, if another process holds it past LockTimeout. Only a
+// holder of the lock judges queue.db damaged, so a database another
+// process is still creating or growing is never moved aside. A damaged
+// database is also moved aside only while bbolt's own lock on it can be
+// taken, which keeps out builds that did not have the lock file.
 //
 // OpenDir fsyncs the store's directory and the one above it, so that the
 // names queue.db, bodies/ and quarantine/ (and the store directory itself,
