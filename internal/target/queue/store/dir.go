@@ -38,15 +38,22 @@ var (
 	bucketContent    = []byte("content")
 	bucketQuarantine = []byte("quarantine")
 	bucketInfo       = []byte("info")
-	keyFormat        = []byte("format")
+	// bucketArrival indexes the queued messages by arrival time: keys are
+	// arrivalKey, values empty. Format 2 and later.
+	bucketArrival = []byte("arrival")
+	keyFormat     = []byte("format")
 	// keyLastID holds the highest ID ever committed (8 bytes, big-endian),
 	// so IDs of deleted messages are not handed out again.
 	keyLastID = []byte("last_id")
 )
 
 // dbFormat is the version of the database layout. A database written with a
-// newer layout is refused rather than misread or modified.
-const dbFormat = 1
+// newer layout is refused rather than misread or modified; an older one is
+// migrated when opened for writing.
+//
+//	1: buckets meta, sched, content, quarantine, info
+//	2: adds the arrival index (bucketArrival)
+const dbFormat = 2
 
 // DirOptions configures OpenDir.
 type DirOptions struct {
@@ -69,11 +76,14 @@ type DirOptions struct {
 // Dir is the directory store: a bbolt database plus a directory of large
 // content files. See the package documentation for its durability contract.
 type Dir struct {
-	path        string
-	lock        *storeLock
-	db          *bolt.DB
-	fs          FS
-	readOnly    bool
+	path     string
+	lock     *storeLock
+	db       *bolt.DB
+	fs       FS
+	readOnly bool
+	// indexed is set when the database has the arrival index: always,
+	// unless a format-1 database was opened read-only.
+	indexed     bool
 	inlineLimit int64
 	onQuar      QuarantineFunc
 	logf        func(string, ...interface{})
@@ -290,14 +300,21 @@ func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Durati
 }
 
 func (d *Dir) initBuckets() error {
+	var format byte
 	if d.readOnly {
-		return d.db.View(func(tx *bolt.Tx) error { return checkFormat(tx.Bucket(bucketInfo)) })
+		err := d.db.View(func(tx *bolt.Tx) error {
+			var err error
+			format, err = checkFormat(tx.Bucket(bucketInfo))
+			return err
+		})
+		d.indexed = format >= 2
+		return err
 	}
 	floor, err := d.replacementFloor()
 	if err != nil {
 		return err
 	}
-	return d.db.Update(func(tx *bolt.Tx) error {
+	err = d.db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
@@ -313,10 +330,74 @@ func (d *Dir) initBuckets() error {
 			if err := raiseLastID(info, floor); err != nil {
 				return err
 			}
+			if _, err := tx.CreateBucket(bucketArrival); err != nil {
+				return err
+			}
+			format = dbFormat
 			return info.Put(keyFormat, []byte{dbFormat})
 		}
-		return checkFormat(info)
+		format, err = checkFormat(info)
+		if err != nil || format >= 2 {
+			return err
+		}
+		// Format 1: the index is built afresh, also over what an
+		// interrupted migration left.
+		if err := tx.DeleteBucket(bucketArrival); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+			return err
+		}
+		_, err = tx.CreateBucket(bucketArrival)
+		return err
 	})
+	if err != nil {
+		return err
+	}
+	if format < 2 {
+		if err := d.buildArrivalIndex(); err != nil {
+			return fmt.Errorf("store: migrating the database to format %d: %w", dbFormat, err)
+		}
+	}
+	d.indexed = true
+	return nil
+}
+
+// buildArrivalIndex fills the (empty) arrival index from the schedule
+// entries, scanChunk entries per transaction, and then sets the format to
+// 2. A crash before that leaves format 1, and the next open starts over.
+func (d *Dir) buildArrivalIndex() error {
+	var after []byte
+	for done := false; !done; {
+		err := d.db.Update(func(tx *bolt.Tx) error {
+			idx := tx.Bucket(bucketArrival)
+			c := tx.Bucket(bucketSched).Cursor()
+			k, v := c.First()
+			if after != nil {
+				k, v = c.Seek(after)
+				if k != nil && bytes.Equal(k, after) {
+					k, v = c.Next()
+				}
+			}
+			for n := 0; k != nil && n < scanChunk; k, v = c.Next() {
+				n++
+				after = bytes.Clone(k)
+				id, ok := keyID(k)
+				if ak := schedArrivalKey(id, v); ok && ak != nil {
+					if err := idx.Put(ak, nil); err != nil {
+						return err
+					}
+				}
+			}
+			done = k == nil
+			if done {
+				return tx.Bucket(bucketInfo).Put(keyFormat, []byte{dbFormat})
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	d.logf("store: migrated the database to format %d (arrival index)", dbFormat)
+	return nil
 }
 
 const (
@@ -346,25 +427,27 @@ func (d *Dir) replacementFloor() (ID, error) {
 	return 0, nil
 }
 
-func checkFormat(info *bolt.Bucket) error {
+// checkFormat returns the format of the database whose info bucket is
+// info, or an error if this build cannot read it.
+func checkFormat(info *bolt.Bucket) (byte, error) {
 	if info == nil {
-		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+		return 0, errors.New("store: queue database has no format marker (not a Spool queue?)")
 	}
-	return checkFormatValue(info.Get(keyFormat))
+	return formatVersion(info.Get(keyFormat))
 }
 
-// checkFormatValue checks the value of the format key in the info bucket.
-func checkFormatValue(v []byte) error {
-	if len(v) == 1 && v[0] == dbFormat {
-		return nil
-	}
+// formatVersion checks the value of the format key in the info bucket.
+func formatVersion(v []byte) (byte, error) {
 	if len(v) == 0 {
-		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+		return 0, errors.New("store: queue database has no format marker (not a Spool queue?)")
 	}
 	if len(v) != 1 {
-		return fmt.Errorf("store: queue database format marker of %d bytes, want 1 (not a Spool queue?); refusing to touch it", len(v))
+		return 0, fmt.Errorf("store: queue database format marker of %d bytes, want 1 (not a Spool queue?); refusing to touch it", len(v))
 	}
-	return fmt.Errorf("store: queue database format %d is not %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
+	if v[0] < 1 || v[0] > dbFormat {
+		return 0, fmt.Errorf("store: queue database format %d, this build reads 1 to %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
+	}
+	return v[0], nil
 }
 
 // raiseLastID raises the stored high-water mark of IDs to id.
@@ -571,14 +654,16 @@ func (d *Dir) commit(batch []*op) {
 	}
 	if err == nil {
 		err = d.db.Update(func(tx *bolt.Tx) error {
-			meta, sched := tx.Bucket(bucketMeta), tx.Bucket(bucketSched)
-			content, quar := tx.Bucket(bucketContent), tx.Bucket(bucketQuarantine)
+			b := buckets{
+				meta: tx.Bucket(bucketMeta), sched: tx.Bucket(bucketSched), content: tx.Bucket(bucketContent),
+				quar: tx.Bucket(bucketQuarantine), arrival: tx.Bucket(bucketArrival),
+			}
 			var lastID ID
 			for i, o := range batch {
 				if o.kind == opCreate {
 					lastID = max(lastID, o.id)
 				}
-				errs[i] = applyOp(o, meta, sched, content, quar)
+				errs[i] = applyOp(o, b)
 				// Only bbolt's own failures abort the transaction; a
 				// per-operation error (e.g. not found) fails just that one.
 				if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
@@ -600,60 +685,79 @@ func (d *Dir) commit(batch []*op) {
 	}
 }
 
-func applyOp(o *op, meta, sched, content, quar *bolt.Bucket) error {
+// buckets are the buckets of a write transaction.
+type buckets struct {
+	meta, sched, content, quar, arrival *bolt.Bucket
+}
+
+func applyOp(o *op, b buckets) error {
 	k := idKey(o.id)
+	exists := b.meta.Get(k) != nil
+	switch {
+	case o.kind == opCreate && exists:
+		return fmt.Errorf("store: ID %v already in use", o.id)
+	case o.kind == opQuarantine && !exists && b.sched.Get(k) == nil:
+		return ErrNotFound // already moved aside or deleted
+	case (o.kind == opUpdate || o.kind == opDelete) && !exists:
+		return ErrNotFound
+	}
+	// An undecodable schedule entry has no index key; Oldest skips what
+	// is left behind of it.
+	oldArrival := schedArrivalKey(o.id, b.sched.Get(k))
 	switch o.kind {
 	case opCreate:
-		if meta.Get(k) != nil {
-			return fmt.Errorf("store: ID %v already in use", o.id)
-		}
 		if o.content != nil {
-			if err := content.Put(k, o.content); err != nil {
+			if err := b.content.Put(k, o.content); err != nil {
 				return err
 			}
-		}
-	case opUpdate:
-		if meta.Get(k) == nil {
-			return ErrNotFound
 		}
 	case opDelete:
-		if meta.Get(k) == nil {
-			return ErrNotFound
-		}
-		o.removeFile = content.Get(k) == nil
-		for _, b := range []*bolt.Bucket{meta, sched, content} {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		return nil
+		o.removeFile = b.content.Get(k) == nil
+		return removeEntry(k, oldArrival, b)
 	case opQuarantine:
-		if meta.Get(k) == nil && sched.Get(k) == nil {
-			return ErrNotFound // already moved aside or deleted
-		}
-		if e, err := decodeSched(o.id, sched.Get(k)); err == nil {
+		if e, err := decodeSched(o.id, b.sched.Get(k)); err == nil {
 			o.quarSched = &e
 		}
-		rec := quarantineRecord{Reason: o.reason, Time: time.Now().UTC(), Meta: meta.Get(k), Content: content.Get(k)}
+		rec := quarantineRecord{Reason: o.reason, Time: time.Now().UTC(), Meta: b.meta.Get(k), Content: b.content.Get(k)}
 		o.removeFile = rec.Content == nil
-		b, err := json.Marshal(rec)
+		v, err := json.Marshal(rec)
 		if err != nil {
 			return err
 		}
-		if err := quar.Put(k, b); err != nil {
+		if err := b.quar.Put(k, v); err != nil {
 			return err
 		}
-		for _, b := range []*bolt.Bucket{meta, sched, content} {
-			if err := b.Delete(k); err != nil {
+		return removeEntry(k, oldArrival, b)
+	}
+	if newArrival := schedArrivalKey(o.id, o.sched); !bytes.Equal(oldArrival, newArrival) {
+		if oldArrival != nil {
+			if err := b.arrival.Delete(oldArrival); err != nil {
 				return err
 			}
 		}
-		return nil
+		if err := b.arrival.Put(newArrival, nil); err != nil {
+			return err
+		}
 	}
-	if err := meta.Put(k, o.meta); err != nil {
+	if err := b.meta.Put(k, o.meta); err != nil {
 		return err
 	}
-	return sched.Put(k, o.sched)
+	return b.sched.Put(k, o.sched)
+}
+
+// removeEntry deletes the entry with key k and its arrival index key.
+func removeEntry(k, arrival []byte, b buckets) error {
+	if arrival != nil {
+		if err := b.arrival.Delete(arrival); err != nil {
+			return err
+		}
+	}
+	for _, bk := range []*bolt.Bucket{b.meta, b.sched, b.content} {
+		if err := bk.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // quarantineRecord is what is kept of an entry moved aside.
@@ -988,23 +1092,41 @@ func (d *Dir) Walk(fn func(*Message) error) error {
 	})
 }
 
-// Oldest implements Store. IDs grow with arrival, so the first schedule
-// entry is the oldest message.
+// Oldest implements Store. It reads the first entry of the arrival index
+// that still matches a schedule entry; a format-1 database opened
+// read-only has no index and is scanned.
 func (d *Dir) Oldest() (time.Time, bool, error) {
+	if !d.indexed {
+		return d.oldestByScan()
+	}
 	var t time.Time
 	var ok bool
 	err := d.db.View(func(tx *bolt.Tx) error {
-		k, v := tx.Bucket(bucketSched).Cursor().First()
-		if k == nil {
+		sched := tx.Bucket(bucketSched)
+		c := tx.Bucket(bucketArrival).Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			id, arrival, valid := parseArrivalKey(k)
+			if !valid || !bytes.Equal(schedArrivalKey(id, sched.Get(idKey(id))), k) {
+				continue // left behind by a damaged schedule entry
+			}
+			t, ok = arrival, true
 			return nil
 		}
-		id, _ := keyID(k)
-		e, err := decodeSched(id, v)
-		if err != nil {
-			return nil // reported when Schedule or Get meets it
-		}
-		t, ok = e.Arrival, true
 		return nil
+	})
+	return t, ok, err
+}
+
+// oldestByScan finds the earliest arrival by reading every schedule entry.
+func (d *Dir) oldestByScan() (time.Time, bool, error) {
+	defer releaseMapped(d.db)
+	var t time.Time
+	var ok bool
+	err := d.scan(bucketSched, func(id ID, v []byte) error {
+		if e, err := decodeSched(id, v); err == nil && (!ok || e.Arrival.Before(t)) {
+			t, ok = e.Arrival, true
+		}
+		return nil // a damaged entry is reported when Schedule meets it
 	})
 	return t, ok, err
 }

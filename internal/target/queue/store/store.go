@@ -11,9 +11,19 @@
 //	                         exclusive with the writer's PID in it, or
 //	                         shared by read-only openers
 //	LOCATION/queue.db        bbolt database: buckets meta, sched, content,
-//	                         quarantine, info
+//	                         quarantine, arrival (index by arrival time),
+//	                         info (format, ID high-water mark)
 //	LOCATION/bodies/ID       content of messages larger than InlineLimit
 //	LOCATION/quarantine/     content files of quarantined entries
+//
+// The arrival index (database format 2) is changed in the transaction
+// that creates, updates, deletes or quarantines an entry, so Oldest reads
+// one key instead of the whole queue. A format-1 database is migrated
+// when opened for writing: the index is built from the schedule entries
+// in chunks, and the format marker set to 2 last, so a crash during the
+// migration leaves format 1 and the next open starts it over. Builds that
+// know only format 1 refuse a format-2 database. A read-only open leaves
+// a format-1 database as it is, and Oldest then scans.
 //
 // Small messages (the common case) live entirely in queue.db, so that one
 // bbolt commit makes a whole batch of them durable: concurrent Create,
@@ -372,7 +382,9 @@ type Store interface {
 	// Walk calls fn for every message's metadata, in ID order, without
 	// reading content. Corrupt entries are quarantined and skipped.
 	Walk(fn func(*Message) error) error
-	// Oldest returns the arrival time of the oldest queued message.
+	// Oldest returns the earliest arrival time of the queued messages
+	// (which is not that of the lowest ID: imported mail keeps its
+	// arrival time).
 	Oldest() (time.Time, bool, error)
 	// Close releases the store; pending writes are finished first.
 	Close() error
