@@ -246,3 +246,80 @@ func TestTornWritesKeepAPrefix(t *testing.T) {
 	}
 	t.Logf("outcomes: %v", kept)
 }
+
+func TestFailFsync(t *testing.T) {
+	// syncErr fsyncs path and returns the error.
+	syncErr := func(t *testing.T, path string) error {
+		f, err := os.OpenFile(path, os.O_RDONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		return f.Sync()
+	}
+	overwrite := func(t *testing.T, path, data string) {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteString(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		fail string // path whose fsyncs fail
+		// run gets the mount point; fsyncs of fail fail from its start.
+		run  func(t *testing.T, fsys *FS, dir string)
+		want map[string]string // path -> content after the crash
+	}{
+		{"failed file fsync makes nothing durable", "a", func(t *testing.T, fsys *FS, dir string) {
+			overwrite(t, filepath.Join(dir, "a"), "new")
+			if err := syncErr(t, filepath.Join(dir, "a")); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("fsync = %v, want EIO", err)
+			}
+			if got := read(t, filepath.Join(dir, "a")); got != "new" {
+				t.Fatalf("after the failed fsync a reads %q, want the written data", got)
+			}
+		}, map[string]string{"a": "old"}},
+		{"writes of a failed fsync are not made durable by a later one", "a", func(t *testing.T, fsys *FS, dir string) {
+			overwrite(t, filepath.Join(dir, "a"), "lost")
+			if err := syncErr(t, filepath.Join(dir, "a")); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("fsync = %v, want EIO", err)
+			}
+			fsys.FailFsync(nil)
+			if err := syncErr(t, filepath.Join(dir, "a")); err != nil {
+				t.Fatalf("second fsync: %v", err)
+			}
+		}, map[string]string{"a": "old"}},
+		{"other files are not affected", "a", func(t *testing.T, fsys *FS, dir string) {
+			writeFile(t, filepath.Join(dir, "b"), "b data", true)
+			syncDir(t, dir)
+		}, map[string]string{"a": "old", "b": "b data"}},
+		{"failed directory fsync keeps the old entries", "", func(t *testing.T, fsys *FS, dir string) {
+			writeFile(t, filepath.Join(dir, "b"), "b data", true)
+			if err := syncErr(t, dir); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("directory fsync = %v, want EIO", err)
+			}
+		}, map[string]string{"a": "old", "b": "<missing>"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fsys := New()
+			dir, srv := mount(t, fsys)
+			writeFile(t, filepath.Join(dir, "a"), "old", true)
+			syncDir(t, dir)
+			fsys.FailFsync(func(path string) bool { return path == tc.fail })
+			tc.run(t, fsys, dir)
+			unmount(t, srv)
+			fsys.Crash(nil)
+			srv = mustMount(t, fsys, dir)
+			defer unmount(t, srv)
+			for p, want := range tc.want {
+				if got := read(t, filepath.Join(dir, p)); got != want {
+					t.Errorf("%s after crash = %q, want %q", p, got, want)
+				}
+			}
+		})
+	}
+}
