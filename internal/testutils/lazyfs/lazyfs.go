@@ -71,7 +71,23 @@ type FS struct {
 	frozenCh  chan struct{}
 
 	// failFsync, if set, decides which fsyncs fail (see FailFsync).
-	failFsync func(path string) bool
+	failFsync func(Fsync) bool
+}
+
+// Fsync describes an fsync or fdatasync call to the function given to
+// FailFsync.
+type Fsync struct {
+	// Path is relative to the mount point; "" is the root.
+	Path string
+	Dir  bool
+	// Writes are the file's writes the call is to make durable, in the
+	// order they were made (truncations are left out).
+	Writes []Extent
+}
+
+// Extent is the range of one write.
+type Extent struct {
+	Off, Len int64
 }
 
 type write struct {
@@ -130,11 +146,9 @@ func (fsys *FS) Frozen() <-chan struct{} {
 
 // FailFsync makes each later fsync or fdatasync for which fail returns
 // true fail with EIO (see the package doc for what that leaves). fail is
-// given the path of the file or directory, relative to the mount point
-// ("" for the root), and is called with the file system locked, so it
-// must not call methods of fsys. nil makes every fsync succeed again;
-// Crash does that too.
-func (fsys *FS) FailFsync(fail func(path string) bool) {
+// called with the file system locked, so it must not call methods of
+// fsys. nil makes every fsync succeed again; Crash does that too.
+func (fsys *FS) FailFsync(fail func(Fsync) bool) {
 	fsys.mu.Lock()
 	defer fsys.mu.Unlock()
 	fsys.failFsync = fail

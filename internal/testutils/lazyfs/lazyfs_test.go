@@ -2,6 +2,7 @@ package lazyfs
 
 import (
 	"errors"
+	"fmt"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -309,7 +310,7 @@ func TestFailFsync(t *testing.T) {
 			dir, srv := mount(t, fsys)
 			writeFile(t, filepath.Join(dir, "a"), "old", true)
 			syncDir(t, dir)
-			fsys.FailFsync(func(path string) bool { return path == tc.fail })
+			fsys.FailFsync(func(c Fsync) bool { return c.Path == tc.fail })
 			tc.run(t, fsys, dir)
 			unmount(t, srv)
 			fsys.Crash(nil)
@@ -321,5 +322,43 @@ func TestFailFsync(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestFsyncDescription: FailFsync's function sees the path and the writes
+// each fsync is to make durable.
+func TestFsyncDescription(t *testing.T) {
+	fsys := New()
+	dir, srv := mount(t, fsys)
+	defer func() { unmount(t, srv) }()
+	if err := os.Mkdir(filepath.Join(dir, "d"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var seen []Fsync
+	fsys.FailFsync(func(c Fsync) bool { seen = append(seen, c); return false })
+	f, err := os.Create(filepath.Join(dir, "d", "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, w := range []struct {
+		off  int64
+		data string
+	}{{0, "ab"}, {10, "cde"}} {
+		if _, err := f.WriteAt([]byte(w.data), w.off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	syncDir(t, filepath.Join(dir, "d"))
+	fsys.FailFsync(nil)
+	want := []Fsync{
+		{Path: "d/a", Writes: []Extent{{0, 2}, {10, 3}}},
+		{Path: "d", Dir: true},
+	}
+	if fmt.Sprint(seen) != fmt.Sprint(want) {
+		t.Fatalf("fsyncs seen: %+v, want %+v", seen, want)
 	}
 }

@@ -187,7 +187,7 @@ func (n *node) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscal
 	if errno := n.fsys.mutate(); errno != 0 {
 		return errno
 	}
-	if n.fsys.failFsync != nil && n.fsys.failFsync(path) {
+	if n.fsys.failFsync != nil && n.fsys.failFsync(n.describeFsync(path)) {
 		if !n.in.dir {
 			n.in.unsynced = nil // lost: see FailFsync
 		}
@@ -202,6 +202,18 @@ func (n *node) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscal
 	}
 	n.in.unsynced = nil
 	return 0
+}
+
+// describeFsync describes an fsync of n for FailFsync. Called with mu
+// held.
+func (n *node) describeFsync(path string) Fsync {
+	c := Fsync{Path: path, Dir: n.in.dir}
+	for _, w := range n.in.unsynced {
+		if !w.truncate {
+			c.Writes = append(c.Writes, Extent{Off: w.off, Len: int64(len(w.data))})
+		}
+	}
+	return c
 }
 
 func cloneEntries(m map[string]*inode) map[string]*inode {
