@@ -71,6 +71,11 @@ type DirOptions struct {
 	// LockTimeout bounds the wait for another process holding the
 	// database. Default 2s.
 	LockTimeout time.Duration
+	// OnFailed is told, once, when the store stops after a failed write
+	// (see ErrFailed), with the error writes fail with from then on. It
+	// is called on the goroutine that met the failure and must not call
+	// Close.
+	OnFailed func(error)
 }
 
 // Dir is the directory store: a bbolt database plus a directory of large
@@ -86,7 +91,11 @@ type Dir struct {
 	indexed     bool
 	inlineLimit int64
 	onQuar      QuarantineFunc
+	onFailed    func(error)
 	logf        func(string, ...interface{})
+
+	failMu sync.Mutex
+	failed error // set once by fail
 
 	nextID atomic.Uint64
 
@@ -131,6 +140,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		readOnly:    opts.ReadOnly,
 		inlineLimit: opts.InlineLimit,
 		onQuar:      opts.OnQuarantine,
+		onFailed:    opts.OnFailed,
 		logf:        opts.Logf,
 	}
 	if d.fs == nil {
@@ -144,6 +154,9 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	}
 	if d.onQuar == nil {
 		d.onQuar = func(ID, *SchedEntry, error) {}
+	}
+	if d.onFailed == nil {
+		d.onFailed = func(error) {}
 	}
 	timeout := opts.LockTimeout
 	if timeout <= 0 {
@@ -601,6 +614,9 @@ func (d *Dir) submit(ctx context.Context, o *op) error {
 	if d.readOnly {
 		return errors.New("store: opened read-only")
 	}
+	if err := d.Failed(); err != nil {
+		return err
+	}
 	o.done = make(chan error, 1)
 	d.mu.RLock()
 	if d.closed {
@@ -645,38 +661,22 @@ func (d *Dir) commitLoop() {
 // the transaction that makes new content files reachable.
 func (d *Dir) commit(batch []*op) {
 	errs := make([]error, len(batch))
-	var err error
+	err := d.Failed()
 	for _, o := range batch {
-		if o.kind == opCreate && o.file {
-			err = d.fs.SyncDir(d.bodiesDir())
+		if err == nil && o.kind == opCreate && o.file {
+			if serr := d.fs.SyncDir(d.bodiesDir()); serr != nil {
+				err = d.fail(fmt.Errorf("store: fsync of %s: %w", d.bodiesDir(), serr))
+			}
 			break
 		}
 	}
 	if err == nil {
-		err = d.db.Update(func(tx *bolt.Tx) error {
-			b := buckets{
-				meta: tx.Bucket(bucketMeta), sched: tx.Bucket(bucketSched), content: tx.Bucket(bucketContent),
-				quar: tx.Bucket(bucketQuarantine), arrival: tx.Bucket(bucketArrival),
-			}
-			var lastID ID
-			for i, o := range batch {
-				if o.kind == opCreate {
-					lastID = max(lastID, o.id)
-				}
-				errs[i] = applyOp(o, b)
-				// Only bbolt's own failures abort the transaction; a
-				// per-operation error (e.g. not found) fails just that one.
-				if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
-					return errs[i]
-				}
-			}
-			return raiseLastID(tx.Bucket(bucketInfo), lastID)
-		})
+		err = d.commitTx(batch, errs)
 	}
 	for i, o := range batch {
 		e := errs[i]
 		if err != nil {
-			e = fmt.Errorf("store: commit: %w", err)
+			e = err
 		}
 		if e == nil {
 			d.afterCommit(o)
@@ -684,6 +684,104 @@ func (d *Dir) commit(batch []*op) {
 		o.done <- e
 	}
 }
+
+// commitTx applies the batch in one bbolt transaction, setting errs for
+// operations that fail by themselves.
+func (d *Dir) commitTx(batch []*op, errs []error) error {
+	var txID int
+	applied := false
+	err := d.db.Update(func(tx *bolt.Tx) error {
+		txID = tx.ID()
+		b := buckets{
+			meta: tx.Bucket(bucketMeta), sched: tx.Bucket(bucketSched), content: tx.Bucket(bucketContent),
+			quar: tx.Bucket(bucketQuarantine), arrival: tx.Bucket(bucketArrival),
+		}
+		var lastID ID
+		for i, o := range batch {
+			if o.kind == opCreate {
+				lastID = max(lastID, o.id)
+			}
+			errs[i] = applyOp(o, b)
+			// Only bbolt's own failures abort the transaction; a
+			// per-operation error (e.g. not found) fails just that one.
+			if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
+				return errs[i]
+			}
+		}
+		if err := raiseLastID(tx.Bucket(bucketInfo), lastID); err != nil {
+			return err
+		}
+		applied = true
+		return nil
+	})
+	switch {
+	case err == nil:
+		return nil
+	case !applied:
+		// Rolled back before bbolt wrote anything.
+		return fmt.Errorf("store: commit: %w", err)
+	}
+	return d.commitFailed(fmt.Errorf("store: commit: %w", err), txID)
+}
+
+// commitFailed decides what a failed bbolt commit of transaction txID
+// leaves. When writing a page failed, bbolt rolls back before it writes
+// the meta page: the previous state holds on disk and in memory, so only
+// this write fails (a full disk ends here). Anything else stops the store:
+// a failed fdatasync (bbolt returns it bare, not as an *os.PathError)
+// leaves unknown what is on disk; and when the meta page was written
+// before the failure, bbolt reads it back from its mapping, so the new
+// state is live (a read transaction's ID is txID) although the commit
+// reported an error.
+func (d *Dir) commitFailed(err error, txID int) error {
+	live := -1
+	if verr := d.db.View(func(tx *bolt.Tx) error { live = tx.ID(); return nil }); verr != nil {
+		return d.fail(fmt.Errorf("%w; reading the database afterwards: %v", err, verr))
+	}
+	var pe *os.PathError
+	if live < txID && errors.As(err, &pe) && pe.Op == "write" {
+		return err
+	}
+	if live >= txID {
+		err = fmt.Errorf("%w (its changes are live nonetheless)", err)
+	}
+	return d.fail(err)
+}
+
+// fail stops the store: every later write fails at once with the returned
+// error, which wraps ErrFailed and cause. The first call logs it and tells
+// OnFailed.
+func (d *Dir) fail(cause error) error {
+	d.failMu.Lock()
+	first := d.failed == nil
+	if first {
+		d.failed = &failedError{cause}
+	}
+	err := d.failed
+	d.failMu.Unlock()
+	if first {
+		d.logf("%v", err)
+		d.onFailed(err)
+	}
+	return err
+}
+
+// Failed returns the error writes fail with once the store stopped after
+// a failed write (it wraps ErrFailed), or nil while the store is healthy.
+func (d *Dir) Failed() error {
+	d.failMu.Lock()
+	defer d.failMu.Unlock()
+	return d.failed
+}
+
+// failedError is the error of a stopped store.
+type failedError struct{ cause error }
+
+func (e *failedError) Error() string {
+	return "store: stopped after a failed write (" + strings.TrimPrefix(e.cause.Error(), "store: ") + "); restart to recover"
+}
+
+func (e *failedError) Unwrap() []error { return []error{ErrFailed, e.cause} }
 
 // buckets are the buckets of a write transaction.
 type buckets struct {
@@ -782,7 +880,10 @@ func (d *Dir) afterCommit(o *op) {
 		// crash, the next OpenDir finishes it (see removeOrphans).
 		_, err = d.moveNoReplace(src, d.quarantineDir(), o.id.String())
 		if err == nil {
-			err = d.fs.SyncDir(d.quarantineDir())
+			if err := d.fs.SyncDir(d.quarantineDir()); err != nil {
+				d.fail(fmt.Errorf("store: fsync of %s: %w", d.quarantineDir(), err))
+			}
+			return
 		}
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -797,6 +898,9 @@ func (d *Dir) afterCommit(o *op) {
 func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) error {
 	if d.readOnly {
 		return errors.New("store: opened read-only")
+	}
+	if err := d.Failed(); err != nil {
+		return err
 	}
 	id := ID(d.nextID.Add(1))
 	m.ID = id
@@ -841,9 +945,11 @@ func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Rea
 }
 
 // discardContentFile removes the content file of a Create that failed. If
-// the removal fails too, the file is an orphan for the next OpenDir.
+// the removal fails too, the file is an orphan for the next OpenDir. A
+// stopped store keeps it: the entry may be durable all the same, and the
+// next OpenDir removes the file if it is not.
 func (d *Dir) discardContentFile(o *op) {
-	if o.file {
+	if o.file && d.Failed() == nil {
 		_ = d.fs.Remove(d.bodyPath(o.id))
 	}
 }
@@ -860,7 +966,9 @@ func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message)
 	defer func() {
 		if err != nil {
 			f.Close()
-			_ = d.fs.Remove(path)
+			if d.Failed() == nil {
+				_ = d.fs.Remove(path)
+			}
 		}
 	}()
 	if _, err = f.Write(prefix); err != nil {
@@ -872,7 +980,9 @@ func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message)
 	}
 	m.BodyLen = int64(len(prefix)) - m.HeaderLen + n
 	if err = f.Sync(); err != nil {
-		return fmt.Errorf("store: fsync content: %w", err)
+		// The file's state on disk is now unknown, and so is that of
+		// whatever else was written back with it.
+		return d.fail(fmt.Errorf("store: fsync of content file %v: %w", id, err))
 	}
 	if err = f.Close(); err != nil {
 		return fmt.Errorf("store: closing content: %w", err)

@@ -84,6 +84,27 @@
 // OpenDir fails with an error naming it; queue.db stays in place and
 // nothing is deleted, so the next open tries again.
 //
+// # Failed writes
+//
+// A write that fails cleanly fails alone, and the store goes on (with a
+// full disk, it takes new mail again once space is freed): a content file
+// that cannot be written, which Create removes, or a bbolt commit that
+// fails writing its pages, which bbolt rolls back before it writes the
+// meta page.
+//
+// A failed fsync is different: the kernel may drop the data it could not
+// write and report success for a later fsync, so what is on disk is
+// unknown. The same holds when bbolt fails after writing its meta page: it
+// reports an error, yet reads the new state back from its mapping (a read
+// transaction then has the failed one's ID). So after a failed fsync of a
+// content file, of bodies/ or quarantine/, or bbolt's fdatasync (or grow
+// sync), or a failed commit whose new state is live, the store stops:
+// every later Create, Update, Delete or Quarantine fails at once with an
+// error wrapping ErrFailed, reads go on, Failed reports the error, and
+// DirOptions.OnFailed is told once. Create keeps the content file it
+// wrote, since its entry may be durable; the next OpenDir removes it if
+// the entry is not. A restart recovers: OpenDir reads the state from disk.
+//
 // Content files are opened without following symlinks and must be regular
 // files of exactly the size the metadata gives; anything else is damage
 // and quarantines the entry, so a file planted in bodies/ can never be
@@ -91,9 +112,10 @@
 // left alone (and logged); removal and quarantine act on a symlink itself,
 // never on its target.
 //
-// The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9)
-// and TestPowerLoss, which runs the store on a FUSE file system that drops
-// everything not fsynced at random points (internal/testutils/lazyfs).
+// The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9),
+// TestPowerLoss, which runs the store on a FUSE file system that drops
+// everything not fsynced at random points (internal/testutils/lazyfs),
+// and TestFsyncFailure, which makes single fsyncs on it fail.
 package store
 
 import (
@@ -349,6 +371,11 @@ var (
 	ErrCorrupt = errors.New("store: corrupt entry")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("store: closed")
+	// ErrFailed is wrapped by the error of every write once the store has
+	// stopped after a write that failed in a way that leaves what is on
+	// disk unknown (a failed fsync). Reads keep working; a restart, which
+	// reopens the store from what is on disk, recovers.
+	ErrFailed = errors.New("store: stopped after a failed write; restart to recover")
 )
 
 // QuarantineFunc is told about every entry moved aside, with the reason.
