@@ -162,16 +162,24 @@ func TestDurabilityRules(t *testing.T) {
 			fsys := New()
 			dir, srv := mount(t, fsys)
 			tc.setup(t, dir)
-			unmount(t, srv)
-			fsys.Crash(nil)
-			srv = mustMount(t, fsys, dir)
-			defer unmount(t, srv)
-			for p, want := range tc.want {
-				if got := read(t, filepath.Join(dir, p)); got != want {
-					t.Errorf("%s after crash = %q, want %q", p, got, want)
-				}
-			}
+			checkAfterCrash(t, fsys, dir, srv, tc.want)
 		})
+	}
+}
+
+// checkAfterCrash unmounts fsys from dir (served by srv), crashes it,
+// mounts it again and checks the content of each path in want ("<missing>"
+// for none).
+func checkAfterCrash(t *testing.T, fsys *FS, dir string, srv *fuse.Server, want map[string]string) {
+	t.Helper()
+	unmount(t, srv)
+	fsys.Crash(nil)
+	srv = mustMount(t, fsys, dir)
+	defer unmount(t, srv)
+	for p, want := range want {
+		if got := read(t, filepath.Join(dir, p)); got != want {
+			t.Errorf("%s after crash = %q, want %q", p, got, want)
+		}
 	}
 }
 
@@ -312,15 +320,7 @@ func TestFailFsync(t *testing.T) {
 			syncDir(t, dir)
 			fsys.FailFsync(func(c Fsync) bool { return c.Path == tc.fail })
 			tc.run(t, fsys, dir)
-			unmount(t, srv)
-			fsys.Crash(nil)
-			srv = mustMount(t, fsys, dir)
-			defer unmount(t, srv)
-			for p, want := range tc.want {
-				if got := read(t, filepath.Join(dir, p)); got != want {
-					t.Errorf("%s after crash = %q, want %q", p, got, want)
-				}
-			}
+			checkAfterCrash(t, fsys, dir, srv, tc.want)
 		})
 	}
 }

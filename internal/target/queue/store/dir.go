@@ -382,13 +382,7 @@ func (d *Dir) buildArrivalIndex() error {
 		err := d.db.Update(func(tx *bolt.Tx) error {
 			idx := tx.Bucket(bucketArrival)
 			c := tx.Bucket(bucketSched).Cursor()
-			k, v := c.First()
-			if after != nil {
-				k, v = c.Seek(after)
-				if k != nil && bytes.Equal(k, after) {
-					k, v = c.Next()
-				}
-			}
+			k, v := firstAfter(c, after)
 			for n := 0; k != nil && n < scanChunk; k, v = c.Next() {
 				n++
 				after = bytes.Clone(k)
@@ -1135,6 +1129,19 @@ func (d *Dir) corrupt(id ID, reason error) error {
 	return fmt.Errorf("%w %v: %v", ErrCorrupt, id, reason)
 }
 
+// firstAfter positions c at the first key after the key after (at the
+// first key if after is nil), for a scan continued in a new transaction.
+func firstAfter(c *bolt.Cursor, after []byte) (k, v []byte) {
+	if after == nil {
+		return c.First()
+	}
+	k, v = c.Seek(after)
+	if k != nil && bytes.Equal(k, after) {
+		k, v = c.Next()
+	}
+	return k, v
+}
+
 // scan visits a bucket in chunks of short read transactions.
 func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 	var after []byte
@@ -1144,13 +1151,7 @@ func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 		var badErr []error
 		err := d.db.View(func(tx *bolt.Tx) error {
 			c := tx.Bucket(bucket).Cursor()
-			k, v := c.First()
-			if after != nil {
-				k, v = c.Seek(after)
-				if k != nil && bytes.Equal(k, after) {
-					k, v = c.Next()
-				}
-			}
+			k, v := firstAfter(c, after)
 			for ; k != nil && n < scanChunk; k, v = c.Next() {
 				n++
 				after = bytes.Clone(k)
