@@ -737,7 +737,7 @@ func (d *Dir) commitFailed(err error, txID int) error {
 		return err
 	}
 	if live >= txID {
-		err = fmt.Errorf("%w (its changes are live nonetheless)", err)
+		err = fmt.Errorf("%w; its changes are live all the same", err)
 	}
 	return d.fail(err)
 }

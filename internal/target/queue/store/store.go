@@ -82,7 +82,10 @@
 // fsynced, then queue.db is moved aside and that is fsynced, and only then
 // is a new, empty database created. If a content file cannot be moved,
 // OpenDir fails with an error naming it; queue.db stays in place and
-// nothing is deleted, so the next open tries again.
+// nothing is deleted, so the next open tries again. A crash after the
+// move of queue.db but before the new database's first commit leaves no
+// (or an empty) queue.db next to the moved one; the next open creates the
+// database then, with the same ID floor (see ID).
 //
 // # Failed writes
 //
