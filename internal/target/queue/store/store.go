@@ -134,13 +134,14 @@ import (
 // increasing order and never reused while the store exists, so two messages
 // can never share a file name even when maddy's own 4-byte message IDs
 // collide, and an ID an operator saw earlier never names another message.
-// The directory store keeps the highest ID committed in its database, in
-// the transaction that commits it, and continues after it or after the
-// highest ID an entry or a file name shows, whichever is higher. A
-// database that replaces a damaged one (which cannot be read) starts above
-// a floor derived from the clock, about 2^20 per second since 1970, which
-// no counter can have reached (see recoveryIDFloor); its first
-// transaction records that floor.
+// (Only the ID of a Create that failed, which no entry ever had, may be
+// handed out again after a restart.) The directory store keeps the highest
+// ID committed in its database, in the transaction that commits it, and
+// continues after it or after the highest ID an entry or a file name
+// shows, whichever is higher. A database that replaces a damaged one
+// (which cannot be read) starts above a floor derived from the clock,
+// about 2^20 per second since 1970, which no counter can have reached (see
+// recoveryIDFloor); its first transaction records that floor.
 type ID uint64
 
 // String returns the 16-digit hexadecimal form used in file names, logs and
