@@ -23,6 +23,14 @@
 //     that side's directory is fsynced.
 //   - Inode attributes other than size (mode, times) are not modelled.
 //
+// FailFsync makes chosen fsync and fdatasync calls fail with EIO, and
+// only those: writes go on. A failed fsync makes nothing durable. For a
+// file it also drops the writes it should have made durable from what a
+// later fsync makes durable (they stay visible until a crash), as Linux
+// does: pages whose writeback failed are marked clean, so a later fsync
+// succeeds without writing them. A later fsync of a directory makes all
+// its current entries durable.
+//
 // To stop all writes at a chosen point, FreezeAfter makes the n-th mutating
 // operation and every one after it fail with EIO; reads keep working, so a
 // process with the database mapped into memory is not killed by SIGBUS. A
@@ -61,6 +69,25 @@ type FS struct {
 	freezeAt  int
 	frozen    bool
 	frozenCh  chan struct{}
+
+	// failFsync, if set, decides which fsyncs fail (see FailFsync).
+	failFsync func(Fsync) bool
+}
+
+// Fsync describes an fsync or fdatasync call to the function given to
+// FailFsync.
+type Fsync struct {
+	// Path is relative to the mount point; "" is the root.
+	Path string
+	Dir  bool
+	// Writes are the file's writes the call is to make durable, in the
+	// order they were made (truncations are left out).
+	Writes []Extent
+}
+
+// Extent is the range of one write.
+type Extent struct {
+	Off, Len int64
 }
 
 type write struct {
@@ -115,6 +142,16 @@ func (fsys *FS) Frozen() <-chan struct{} {
 	fsys.mu.Lock()
 	defer fsys.mu.Unlock()
 	return fsys.frozenCh
+}
+
+// FailFsync makes each later fsync or fdatasync for which fail returns
+// true fail with EIO (see the package doc for what that leaves). fail is
+// called with the file system locked, so it must not call methods of
+// fsys. nil makes every fsync succeed again; Crash does that too.
+func (fsys *FS) FailFsync(fail func(Fsync) bool) {
+	fsys.mu.Lock()
+	defer fsys.mu.Unlock()
+	fsys.failFsync = fail
 }
 
 // Mutations returns the number of mutating operations since the last Crash.
@@ -176,6 +213,7 @@ func (fsys *FS) Crash(rng *rand.Rand) {
 	}
 	visit(fsys.root)
 	fsys.mutations, fsys.freezeAt, fsys.frozen = 0, 0, false
+	fsys.failFsync = nil
 	fsys.frozenCh = make(chan struct{})
 }
 

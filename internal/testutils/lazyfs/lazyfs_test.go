@@ -2,6 +2,7 @@ package lazyfs
 
 import (
 	"errors"
+	"fmt"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -161,16 +162,24 @@ func TestDurabilityRules(t *testing.T) {
 			fsys := New()
 			dir, srv := mount(t, fsys)
 			tc.setup(t, dir)
-			unmount(t, srv)
-			fsys.Crash(nil)
-			srv = mustMount(t, fsys, dir)
-			defer unmount(t, srv)
-			for p, want := range tc.want {
-				if got := read(t, filepath.Join(dir, p)); got != want {
-					t.Errorf("%s after crash = %q, want %q", p, got, want)
-				}
-			}
+			checkAfterCrash(t, fsys, dir, srv, tc.want)
 		})
+	}
+}
+
+// checkAfterCrash unmounts fsys from dir (served by srv), crashes it,
+// mounts it again and checks the content of each path in want ("<missing>"
+// for none).
+func checkAfterCrash(t *testing.T, fsys *FS, dir string, srv *fuse.Server, want map[string]string) {
+	t.Helper()
+	unmount(t, srv)
+	fsys.Crash(nil)
+	srv = mustMount(t, fsys, dir)
+	defer unmount(t, srv)
+	for p, want := range want {
+		if got := read(t, filepath.Join(dir, p)); got != want {
+			t.Errorf("%s after crash = %q, want %q", p, got, want)
+		}
 	}
 }
 
@@ -245,4 +254,111 @@ func TestTornWritesKeepAPrefix(t *testing.T) {
 		t.Fatalf("only %d distinct outcomes over 16 seeds: %v", len(kept), kept)
 	}
 	t.Logf("outcomes: %v", kept)
+}
+
+func TestFailFsync(t *testing.T) {
+	// syncErr fsyncs path and returns the error.
+	syncErr := func(t *testing.T, path string) error {
+		f, err := os.OpenFile(path, os.O_RDONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		return f.Sync()
+	}
+	overwrite := func(t *testing.T, path, data string) {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteString(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		fail string // path whose fsyncs fail
+		// run gets the mount point; fsyncs of fail fail from its start.
+		run  func(t *testing.T, fsys *FS, dir string)
+		want map[string]string // path -> content after the crash
+	}{
+		{"failed file fsync makes nothing durable", "a", func(t *testing.T, fsys *FS, dir string) {
+			overwrite(t, filepath.Join(dir, "a"), "new")
+			if err := syncErr(t, filepath.Join(dir, "a")); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("fsync = %v, want EIO", err)
+			}
+			if got := read(t, filepath.Join(dir, "a")); got != "new" {
+				t.Fatalf("after the failed fsync a reads %q, want the written data", got)
+			}
+		}, map[string]string{"a": "old"}},
+		{"writes of a failed fsync are not made durable by a later one", "a", func(t *testing.T, fsys *FS, dir string) {
+			overwrite(t, filepath.Join(dir, "a"), "lost")
+			if err := syncErr(t, filepath.Join(dir, "a")); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("fsync = %v, want EIO", err)
+			}
+			fsys.FailFsync(nil)
+			if err := syncErr(t, filepath.Join(dir, "a")); err != nil {
+				t.Fatalf("second fsync: %v", err)
+			}
+		}, map[string]string{"a": "old"}},
+		{"other files are not affected", "a", func(t *testing.T, fsys *FS, dir string) {
+			writeFile(t, filepath.Join(dir, "b"), "b data", true)
+			syncDir(t, dir)
+		}, map[string]string{"a": "old", "b": "b data"}},
+		{"failed directory fsync keeps the old entries", "", func(t *testing.T, fsys *FS, dir string) {
+			writeFile(t, filepath.Join(dir, "b"), "b data", true)
+			if err := syncErr(t, dir); !errors.Is(err, syscall.EIO) {
+				t.Fatalf("directory fsync = %v, want EIO", err)
+			}
+		}, map[string]string{"a": "old", "b": "<missing>"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fsys := New()
+			dir, srv := mount(t, fsys)
+			writeFile(t, filepath.Join(dir, "a"), "old", true)
+			syncDir(t, dir)
+			fsys.FailFsync(func(c Fsync) bool { return c.Path == tc.fail })
+			tc.run(t, fsys, dir)
+			checkAfterCrash(t, fsys, dir, srv, tc.want)
+		})
+	}
+}
+
+// TestFsyncDescription: FailFsync's function sees the path and the writes
+// each fsync is to make durable.
+func TestFsyncDescription(t *testing.T) {
+	fsys := New()
+	dir, srv := mount(t, fsys)
+	defer func() { unmount(t, srv) }()
+	if err := os.Mkdir(filepath.Join(dir, "d"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var seen []Fsync
+	fsys.FailFsync(func(c Fsync) bool { seen = append(seen, c); return false })
+	f, err := os.Create(filepath.Join(dir, "d", "a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, w := range []struct {
+		off  int64
+		data string
+	}{{0, "ab"}, {10, "cde"}} {
+		if _, err := f.WriteAt([]byte(w.data), w.off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	syncDir(t, filepath.Join(dir, "d"))
+	fsys.FailFsync(nil)
+	want := []Fsync{
+		{Path: "d/a", Writes: []Extent{{0, 2}, {10, 3}}},
+		{Path: "d", Dir: true},
+	}
+	if fmt.Sprint(seen) != fmt.Sprint(want) {
+		t.Fatalf("fsyncs seen: %+v, want %+v", seen, want)
+	}
 }

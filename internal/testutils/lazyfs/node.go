@@ -181,18 +181,39 @@ func (n *node) Write(ctx context.Context, fh fs.FileHandle, data []byte, off int
 
 // Fsync serves fsync and fdatasync of files and fsync of directories.
 func (n *node) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscall.Errno {
+	path := n.Path(nil) // before locking: it takes go-fuse's locks
 	n.fsys.mu.Lock()
 	defer n.fsys.mu.Unlock()
 	if errno := n.fsys.mutate(); errno != 0 {
 		return errno
 	}
+	if n.fsys.failFsync != nil && n.fsys.failFsync(n.describeFsync(path)) {
+		if !n.in.dir {
+			n.in.unsynced = nil // lost: see FailFsync
+		}
+		return syscall.EIO
+	}
 	if n.in.dir {
 		n.in.durEntries = cloneEntries(n.in.entries)
-	} else {
-		n.in.durable = bytes.Clone(n.in.data)
-		n.in.unsynced = nil
+		return 0
 	}
+	for _, w := range n.in.unsynced {
+		n.in.durable = apply(n.in.durable, w)
+	}
+	n.in.unsynced = nil
 	return 0
+}
+
+// describeFsync describes an fsync of n for FailFsync. Called with mu
+// held.
+func (n *node) describeFsync(path string) Fsync {
+	c := Fsync{Path: path, Dir: n.in.dir}
+	for _, w := range n.in.unsynced {
+		if !w.truncate {
+			c.Writes = append(c.Writes, Extent{Off: w.off, Len: int64(len(w.data))})
+		}
+	}
+	return c
 }
 
 func cloneEntries(m map[string]*inode) map[string]*inode {

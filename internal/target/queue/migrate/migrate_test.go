@@ -603,7 +603,7 @@ func TestImportIntoSameDirectory(t *testing.T) {
 	if err != nil || len(res.Imported) != 2 || len(res.Failed)+len(res.Stray) != 0 {
 		t.Fatalf("Import = %+v, %v", res, err)
 	}
-	if left := listDir(t, dir); !slices.Equal(left, []string{"queue.db"}) {
+	if left := listDir(t, dir); !slices.Equal(left, []string{"lock", "queue.db"}) {
 		t.Errorf("directory holds %q, want only the store", left)
 	}
 	// A second run finds nothing to do.

@@ -142,3 +142,34 @@ func keyID(k []byte) (ID, bool) {
 	}
 	return ID(binary.BigEndian.Uint64(k)), true
 }
+
+// arrivalKeyLen is the length of a key of the arrival index: the arrival
+// time as Unix nanoseconds with the sign bit flipped (so times before 1970
+// sort first), then the ID, both big-endian.
+const arrivalKeyLen = 16
+
+// schedArrivalKey returns the arrival index key of the message with
+// schedule value sched, or nil if sched is not well-formed.
+func schedArrivalKey(id ID, sched []byte) []byte {
+	if len(sched) != schedLen {
+		return nil
+	}
+	k := make([]byte, arrivalKeyLen)
+	copy(k, sched[8:16]) // the arrival time, see encodeSched
+	k[0] ^= 0x80
+	binary.BigEndian.PutUint64(k[8:], uint64(id))
+	return k
+}
+
+// arrivalKey returns the arrival index key of a message.
+func arrivalKey(id ID, arrival time.Time) []byte {
+	return schedArrivalKey(id, encodeSched(SchedEntry{Arrival: arrival}))
+}
+
+func parseArrivalKey(k []byte) (ID, time.Time, bool) {
+	if len(k) != arrivalKeyLen {
+		return 0, time.Time{}, false
+	}
+	ns := int64(binary.BigEndian.Uint64(k) ^ 1<<63)
+	return ID(binary.BigEndian.Uint64(k[8:])), time.Unix(0, ns), true
+}

@@ -38,12 +38,22 @@ var (
 	bucketContent    = []byte("content")
 	bucketQuarantine = []byte("quarantine")
 	bucketInfo       = []byte("info")
-	keyFormat        = []byte("format")
+	// bucketArrival indexes the queued messages by arrival time: keys are
+	// arrivalKey, values empty. Format 2 and later.
+	bucketArrival = []byte("arrival")
+	keyFormat     = []byte("format")
+	// keyLastID holds the highest ID ever committed (8 bytes, big-endian),
+	// so IDs of deleted messages are not handed out again.
+	keyLastID = []byte("last_id")
 )
 
 // dbFormat is the version of the database layout. A database written with a
-// newer layout is refused rather than misread or modified.
-const dbFormat = 1
+// newer layout is refused rather than misread or modified; an older one is
+// migrated when opened for writing.
+//
+//	1: buckets meta, sched, content, quarantine, info
+//	2: adds the arrival index (bucketArrival)
+const dbFormat = 2
 
 // DirOptions configures OpenDir.
 type DirOptions struct {
@@ -61,18 +71,31 @@ type DirOptions struct {
 	// LockTimeout bounds the wait for another process holding the
 	// database. Default 2s.
 	LockTimeout time.Duration
+	// OnFailed is told, once, when the store stops after a failed write
+	// (see ErrFailed), with the error writes fail with from then on. It
+	// is called on the goroutine that met the failure and must not call
+	// Close.
+	OnFailed func(error)
 }
 
 // Dir is the directory store: a bbolt database plus a directory of large
 // content files. See the package documentation for its durability contract.
 type Dir struct {
-	path        string
-	db          *bolt.DB
-	fs          FS
-	readOnly    bool
+	path     string
+	lock     *storeLock
+	db       *bolt.DB
+	fs       FS
+	readOnly bool
+	// indexed is set when the database has the arrival index: always,
+	// unless a format-1 database was opened read-only.
+	indexed     bool
 	inlineLimit int64
 	onQuar      QuarantineFunc
+	onFailed    func(error)
 	logf        func(string, ...interface{})
+
+	failMu sync.Mutex
+	failed error // set once by fail
 
 	nextID atomic.Uint64
 
@@ -117,6 +140,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		readOnly:    opts.ReadOnly,
 		inlineLimit: opts.InlineLimit,
 		onQuar:      opts.OnQuarantine,
+		onFailed:    opts.OnFailed,
 		logf:        opts.Logf,
 	}
 	if d.fs == nil {
@@ -131,6 +155,9 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	if d.onQuar == nil {
 		d.onQuar = func(ID, *SchedEntry, error) {}
 	}
+	if d.onFailed == nil {
+		d.onFailed = func(error) {}
+	}
 	timeout := opts.LockTimeout
 	if timeout <= 0 {
 		timeout = 2 * time.Second
@@ -144,7 +171,30 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		}
 	}
 
-	dbPath := filepath.Join(path, "queue.db")
+	lock, err := lockStore(path, d.readOnly, timeout)
+	if err != nil {
+		return nil, err
+	}
+	d.lock = lock
+	db, err := d.openDB(timeout)
+	if err != nil {
+		lock.release()
+		return nil, err
+	}
+	d.db = db
+	if err := d.init(); err != nil {
+		db.Close()
+		lock.release()
+		return nil, err
+	}
+	return d, nil
+}
+
+// openDB opens queue.db, moving it aside first if it is damaged. The
+// caller holds the store's lock, so the database is not being written by
+// another opener while it is judged.
+func (d *Dir) openDB(timeout time.Duration) (*bolt.DB, error) {
+	dbPath := filepath.Join(d.path, dbName)
 	var db *bolt.DB
 	err := checkBoltFile(dbPath)
 	if err == nil {
@@ -155,7 +205,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		})
 	}
 	if errors.Is(err, berrors.ErrTimeout) {
-		return nil, fmt.Errorf("store: %s is locked by another process (is another maddy running on this queue?)", dbPath)
+		return nil, lockedError(dbPath, "another process")
 	}
 	if err != nil && !d.readOnly && isDamagedDB(err) {
 		db, err = d.recoverDamagedDB(dbPath, err, timeout)
@@ -163,32 +213,32 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", dbPath, err)
 	}
-	d.db = db
+	return db, nil
+}
 
+// init readies an opened database and, for a writer, cleans up and starts
+// the committer.
+func (d *Dir) init() error {
 	if !d.readOnly {
 		if err := d.syncNames(); err != nil {
-			db.Close()
-			return nil, err
+			return err
 		}
 	}
 	if err := d.initBuckets(); err != nil {
-		db.Close()
-		return nil, err
+		return err
 	}
 	if err := d.initNextID(); err != nil {
-		db.Close()
-		return nil, err
+		return err
 	}
 	if !d.readOnly {
 		if err := d.removeOrphans(); err != nil {
-			db.Close()
-			return nil, err
+			return err
 		}
 		d.ops = make(chan *op, maxBatch)
 		d.done = make(chan struct{})
 		go d.commitLoop()
 	}
-	return d, nil
+	return nil
 }
 
 // syncNames makes the names of the store's directory, queue.db, bodies/ and
@@ -217,28 +267,44 @@ func isDamagedDB(err error) bool {
 // every content file (they belong to the entries in it), and starts afresh,
 // so the server keeps accepting and delivering new mail. Nothing is deleted:
 // the operator can inspect or restore what was moved.
+//
+// The content files are moved first and the database last: if a move
+// fails, OpenDir fails and queue.db is still in place, so the next open
+// tries again. Had the database gone first, the next open would start a
+// new one and remove the files left in bodies/ as orphans.
 func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Duration) (*bolt.DB, error) {
-	stamp := time.Now().UTC().Format("20060102T150405Z")
-	aside := dbPath + ".damaged-" + stamp
-	if err := d.fs.Rename(dbPath, aside); err != nil {
-		return nil, fmt.Errorf("%v; moving it aside failed: %w", openErr, err)
+	unlock, err := lockDBFile(dbPath)
+	if err != nil {
+		return nil, fmt.Errorf("%v; not moved aside: %w", openErr, err)
 	}
+	defer unlock()
+	suffix := damagedSuffix + time.Now().UTC().Format("20060102T150405Z")
 	entries, err := d.fs.ReadDir(d.bodiesDir())
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%v; listing content files to move aside: %w", openErr, err)
 	}
 	for _, e := range entries {
-		_ = d.fs.Rename(filepath.Join(d.bodiesDir(), e.Name()),
-			filepath.Join(d.quarantineDir(), e.Name()+".damaged-"+stamp))
+		src := filepath.Join(d.bodiesDir(), e.Name())
+		if _, err := d.moveNoReplace(src, d.quarantineDir(), e.Name()+suffix); err != nil {
+			return nil, fmt.Errorf("%v; moving content file %s to %s failed, so the database is left in place and nothing is deleted: %w",
+				openErr, e.Name(), d.quarantineDir(), err)
+		}
 	}
-	// The moves must be durable before the new, empty database is: else a
-	// power loss could leave the content files in bodies/ next to a
+	// The moves must be durable before the database is moved aside: else
+	// a power loss could leave the content files in bodies/ next to a new
 	// database that does not know them, and they would be removed as
 	// orphans.
-	for _, dir := range []string{d.quarantineDir(), d.bodiesDir(), d.path} {
+	for _, dir := range []string{d.quarantineDir(), d.bodiesDir()} {
 		if err := d.fs.SyncDir(dir); err != nil {
-			return nil, fmt.Errorf("%v; moving it aside: %w", openErr, err)
+			return nil, fmt.Errorf("%v; moving content files aside: %w", openErr, err)
 		}
+	}
+	aside, err := d.moveNoReplace(dbPath, d.path, dbName+suffix)
+	if err != nil {
+		return nil, fmt.Errorf("%v; moving it aside failed: %w", openErr, err)
+	}
+	if err := d.fs.SyncDir(d.path); err != nil {
+		return nil, fmt.Errorf("%v; moving it aside: %w", openErr, err)
 	}
 	d.logf("store: %s could not be opened (%v); moved it to %s and %d content files to %s; starting with an empty queue",
 		dbPath, openErr, aside, len(entries), d.quarantineDir())
@@ -247,10 +313,21 @@ func (d *Dir) recoverDamagedDB(dbPath string, openErr error, timeout time.Durati
 }
 
 func (d *Dir) initBuckets() error {
+	var format byte
 	if d.readOnly {
-		return d.db.View(func(tx *bolt.Tx) error { return checkFormat(tx.Bucket(bucketInfo)) })
+		err := d.db.View(func(tx *bolt.Tx) error {
+			var err error
+			format, err = checkFormat(tx.Bucket(bucketInfo))
+			return err
+		})
+		d.indexed = format >= 2
+		return err
 	}
-	return d.db.Update(func(tx *bolt.Tx) error {
+	floor, err := d.replacementFloor()
+	if err != nil {
+		return err
+	}
+	err = d.db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
@@ -261,46 +338,159 @@ func (d *Dir) initBuckets() error {
 			return err
 		}
 		if info.Get(keyFormat) == nil {
+			// A new database: its first transaction sets the floor, so
+			// no crash can leave it without one.
+			if err := raiseLastID(info, floor); err != nil {
+				return err
+			}
+			if _, err := tx.CreateBucket(bucketArrival); err != nil {
+				return err
+			}
+			format = dbFormat
 			return info.Put(keyFormat, []byte{dbFormat})
 		}
-		return checkFormat(info)
+		format, err = checkFormat(info)
+		if err != nil || format >= 2 {
+			return err
+		}
+		// Format 1: the index is built afresh, also over what an
+		// interrupted migration left.
+		if err := tx.DeleteBucket(bucketArrival); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+			return err
+		}
+		_, err = tx.CreateBucket(bucketArrival)
+		return err
 	})
+	if err != nil {
+		return err
+	}
+	if format < 2 {
+		if err := d.buildArrivalIndex(); err != nil {
+			return fmt.Errorf("store: migrating the database to format %d: %w", dbFormat, err)
+		}
+	}
+	d.indexed = true
+	return nil
 }
 
-func checkFormat(info *bolt.Bucket) error {
+// buildArrivalIndex fills the (empty) arrival index from the schedule
+// entries, scanChunk entries per transaction, and then sets the format to
+// 2. A crash before that leaves format 1, and the next open starts over.
+func (d *Dir) buildArrivalIndex() error {
+	var after []byte
+	for done := false; !done; {
+		err := d.db.Update(func(tx *bolt.Tx) error {
+			idx := tx.Bucket(bucketArrival)
+			c := tx.Bucket(bucketSched).Cursor()
+			k, v := firstAfter(c, after)
+			for n := 0; k != nil && n < scanChunk; k, v = c.Next() {
+				n++
+				after = bytes.Clone(k)
+				id, ok := keyID(k)
+				if ak := schedArrivalKey(id, v); ok && ak != nil {
+					if err := idx.Put(ak, nil); err != nil {
+						return err
+					}
+				}
+			}
+			done = k == nil
+			if done {
+				return tx.Bucket(bucketInfo).Put(keyFormat, []byte{dbFormat})
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	d.logf("store: migrated the database to format %d (arrival index)", dbFormat)
+	return nil
+}
+
+const (
+	dbName = "queue.db"
+	// damagedSuffix, followed by the time, is appended to the names of a
+	// damaged database and its content files when they are moved aside.
+	damagedSuffix = ".damaged-"
+)
+
+// replacementFloor returns the ID above which a new database starts: 0,
+// unless a damaged database was moved aside in this directory (by this
+// open, or by an earlier one that crashed before the new database was
+// committed). Then it is the higher of recoveryIDFloor and the highest ID
+// among the files in quarantine/, which the damaged one's content files
+// were moved to.
+func (d *Dir) replacementFloor() (ID, error) {
+	entries, err := d.fs.ReadDir(d.path)
+	if err != nil {
+		return 0, fmt.Errorf("store: %w", err)
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), dbName+damagedSuffix) {
+			moved, err := d.highestFileID(d.quarantineDir())
+			return max(moved, recoveryIDFloor(time.Now())), err
+		}
+	}
+	return 0, nil
+}
+
+// checkFormat returns the format of the database whose info bucket is
+// info, or an error if this build cannot read it.
+func checkFormat(info *bolt.Bucket) (byte, error) {
 	if info == nil {
-		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+		return 0, errors.New("store: queue database has no format marker (not a Spool queue?)")
 	}
-	return checkFormatValue(info.Get(keyFormat))
+	return formatVersion(info.Get(keyFormat))
 }
 
-// checkFormatValue checks the value of the format key in the info bucket.
-func checkFormatValue(v []byte) error {
-	if len(v) == 1 && v[0] == dbFormat {
-		return nil
-	}
+// formatVersion checks the value of the format key in the info bucket.
+func formatVersion(v []byte) (byte, error) {
 	if len(v) == 0 {
-		return errors.New("store: queue database has no format marker (not a Spool queue?)")
+		return 0, errors.New("store: queue database has no format marker (not a Spool queue?)")
 	}
 	if len(v) != 1 {
-		return fmt.Errorf("store: queue database format marker of %d bytes, want 1 (not a Spool queue?); refusing to touch it", len(v))
+		return 0, fmt.Errorf("store: queue database format marker of %d bytes, want 1 (not a Spool queue?); refusing to touch it", len(v))
 	}
-	return fmt.Errorf("store: queue database format %d is not %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
+	if v[0] < 1 || v[0] > dbFormat {
+		return 0, fmt.Errorf("store: queue database format %d, this build reads 1 to %d (written by another Spool version); refusing to touch it", v[0], dbFormat)
+	}
+	return v[0], nil
 }
 
-// initNextID continues after the highest ID ever used by an entry, a
-// quarantined entry, or a content file, so no ID is handed out twice.
+// raiseLastID raises the stored high-water mark of IDs to id.
+func raiseLastID(info *bolt.Bucket, id ID) error {
+	if id == 0 || id <= storedLastID(info) {
+		return nil
+	}
+	return info.Put(keyLastID, idKey(id))
+}
+
+// storedLastID returns the high-water mark of IDs, 0 if none is stored
+// (a database written by a build that did not keep one).
+func storedLastID(info *bolt.Bucket) ID {
+	if info == nil {
+		return 0
+	}
+	id, _ := keyID(info.Get(keyLastID))
+	return id
+}
+
+// initNextID continues after the stored high-water mark and after the
+// highest ID used by an entry, a quarantined entry, or a content file (in
+// bodies/ or quarantine/), so no ID is handed out twice, also in a store
+// whose database has no high-water mark yet.
 func (d *Dir) initNextID() error {
-	var max ID
+	var last ID
 	err := d.db.View(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketMeta, bucketQuarantine} {
+		last = storedLastID(tx.Bucket(bucketInfo))
+		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
 			b := tx.Bucket(name)
 			if b == nil {
 				continue
 			}
 			if k, _ := b.Cursor().Last(); k != nil {
-				if id, ok := keyID(k); ok && id > max {
-					max = id
+				if id, ok := keyID(k); ok {
+					last = max(last, id)
 				}
 			}
 		}
@@ -309,17 +499,33 @@ func (d *Dir) initNextID() error {
 	if err != nil {
 		return err
 	}
-	entries, err := d.fs.ReadDir(d.bodiesDir())
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("store: %w", err)
+	for _, dir := range []string{d.bodiesDir(), d.quarantineDir()} {
+		id, err := d.highestFileID(dir)
+		if err != nil {
+			return err
+		}
+		last = max(last, id)
 	}
+	d.nextID.Store(uint64(last))
+	return nil
+}
+
+// highestFileID returns the highest ID that names a file in dir: a content
+// file ("ID"), a leftover ("ID.tmp"), or a file moved to quarantine/
+// ("ID.damaged-STAMP", "ID.N").
+func (d *Dir) highestFileID(dir string) (ID, error) {
+	entries, err := d.fs.ReadDir(dir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return 0, fmt.Errorf("store: %w", err)
+	}
+	var last ID
 	for _, e := range entries {
-		if id, err := ParseID(strings.TrimSuffix(e.Name(), ".tmp")); err == nil && id > max {
-			max = id
+		name, _, _ := strings.Cut(e.Name(), ".")
+		if id, err := ParseID(name); err == nil {
+			last = max(last, id)
 		}
 	}
-	d.nextID.Store(uint64(max))
-	return nil
+	return last, nil
 }
 
 // removeOrphans deletes content files that no committed entry refers to.
@@ -342,10 +548,10 @@ func (d *Dir) removeOrphans() error {
 			if perr == nil && quar.Get(idKey(id)) != nil {
 				// Quarantined, but the move of its content file did not
 				// happen or was lost in a crash: finish it, never delete.
-				if err := d.fs.Rename(filepath.Join(d.bodiesDir(), name), filepath.Join(d.quarantineDir(), name)); err != nil {
+				if dst, err := d.moveNoReplace(filepath.Join(d.bodiesDir(), name), d.quarantineDir(), name); err != nil {
 					d.logf("store: moving content file %s of quarantined entry to %s: %v", name, d.quarantineDir(), err)
 				} else {
-					d.logf("store: moved content file %s of quarantined entry to %s", name, d.quarantineDir())
+					d.logf("store: moved content file %s of quarantined entry to %s", name, dst)
 					moved++
 				}
 				continue
@@ -367,6 +573,31 @@ func (d *Dir) removeOrphans() error {
 	return err
 }
 
+// maxRenameTries bounds the names moveNoReplace tries.
+const maxRenameTries = 1000
+
+// moveNoReplace moves src into dir as name, never replacing a file there:
+// if name is taken, it uses name.1, name.2, ... and logs that. It returns
+// the path moved to.
+func (d *Dir) moveNoReplace(src, dir, name string) (string, error) {
+	for i := 0; ; i++ {
+		dst := filepath.Join(dir, name)
+		if i > 0 {
+			dst = fmt.Sprintf("%s.%d", dst, i)
+		}
+		err := d.fs.RenameNoReplace(src, dst)
+		if err == nil {
+			if i > 0 {
+				d.logf("store: %s exists; moved %s to %s instead", filepath.Join(dir, name), src, dst)
+			}
+			return dst, nil
+		}
+		if !errors.Is(err, os.ErrExist) || i == maxRenameTries {
+			return "", err
+		}
+	}
+}
+
 func (d *Dir) bodiesDir() string     { return filepath.Join(d.path, "bodies") }
 func (d *Dir) quarantineDir() string { return filepath.Join(d.path, "quarantine") }
 func (d *Dir) bodyPath(id ID) string { return filepath.Join(d.bodiesDir(), id.String()) }
@@ -376,6 +607,9 @@ func (d *Dir) bodyPath(id ID) string { return filepath.Join(d.bodiesDir(), id.St
 func (d *Dir) submit(ctx context.Context, o *op) error {
 	if d.readOnly {
 		return errors.New("store: opened read-only")
+	}
+	if err := d.Failed(); err != nil {
+		return err
 	}
 	o.done = make(chan error, 1)
 	d.mu.RLock()
@@ -421,32 +655,22 @@ func (d *Dir) commitLoop() {
 // the transaction that makes new content files reachable.
 func (d *Dir) commit(batch []*op) {
 	errs := make([]error, len(batch))
-	var err error
+	err := d.Failed()
 	for _, o := range batch {
-		if o.kind == opCreate && o.file {
-			err = d.fs.SyncDir(d.bodiesDir())
+		if err == nil && o.kind == opCreate && o.file {
+			if serr := d.fs.SyncDir(d.bodiesDir()); serr != nil {
+				err = d.fail(fmt.Errorf("store: fsync of %s: %w", d.bodiesDir(), serr))
+			}
 			break
 		}
 	}
 	if err == nil {
-		err = d.db.Update(func(tx *bolt.Tx) error {
-			meta, sched := tx.Bucket(bucketMeta), tx.Bucket(bucketSched)
-			content, quar := tx.Bucket(bucketContent), tx.Bucket(bucketQuarantine)
-			for i, o := range batch {
-				errs[i] = applyOp(o, meta, sched, content, quar)
-				// Only bbolt's own failures abort the transaction; a
-				// per-operation error (e.g. not found) fails just that one.
-				if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
-					return errs[i]
-				}
-			}
-			return nil
-		})
+		err = d.commitTx(batch, errs)
 	}
 	for i, o := range batch {
 		e := errs[i]
 		if err != nil {
-			e = fmt.Errorf("store: commit: %w", err)
+			e = err
 		}
 		if e == nil {
 			d.afterCommit(o)
@@ -455,60 +679,177 @@ func (d *Dir) commit(batch []*op) {
 	}
 }
 
-func applyOp(o *op, meta, sched, content, quar *bolt.Bucket) error {
+// commitTx applies the batch in one bbolt transaction, setting errs for
+// operations that fail by themselves.
+func (d *Dir) commitTx(batch []*op, errs []error) error {
+	var txID int
+	applied := false
+	err := d.db.Update(func(tx *bolt.Tx) error {
+		txID = tx.ID()
+		b := buckets{
+			meta: tx.Bucket(bucketMeta), sched: tx.Bucket(bucketSched), content: tx.Bucket(bucketContent),
+			quar: tx.Bucket(bucketQuarantine), arrival: tx.Bucket(bucketArrival),
+		}
+		var lastID ID
+		for i, o := range batch {
+			if o.kind == opCreate {
+				lastID = max(lastID, o.id)
+			}
+			errs[i] = applyOp(o, b)
+			// Only bbolt's own failures abort the transaction; a
+			// per-operation error (e.g. not found) fails just that one.
+			if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
+				return errs[i]
+			}
+		}
+		if err := raiseLastID(tx.Bucket(bucketInfo), lastID); err != nil {
+			return err
+		}
+		applied = true
+		return nil
+	})
+	switch {
+	case err == nil:
+		return nil
+	case !applied:
+		// Rolled back before bbolt wrote anything.
+		return fmt.Errorf("store: commit: %w", err)
+	}
+	return d.commitFailed(fmt.Errorf("store: commit: %w", err), txID)
+}
+
+// commitFailed decides what a failed bbolt commit of transaction txID
+// leaves. When writing a page failed, bbolt rolls back before it writes
+// the meta page: the previous state holds on disk and in memory, so only
+// this write fails (a full disk ends here). Anything else stops the store:
+// a failed fdatasync (bbolt returns it bare, not as an *os.PathError)
+// leaves unknown what is on disk; and when the meta page was written
+// before the failure, bbolt reads it back from its mapping, so the new
+// state is live (a read transaction's ID is txID) although the commit
+// reported an error.
+func (d *Dir) commitFailed(err error, txID int) error {
+	live := -1
+	if verr := d.db.View(func(tx *bolt.Tx) error { live = tx.ID(); return nil }); verr != nil {
+		return d.fail(fmt.Errorf("%w; reading the database afterwards: %v", err, verr))
+	}
+	var pe *os.PathError
+	if live < txID && errors.As(err, &pe) && pe.Op == "write" {
+		return err
+	}
+	if live >= txID {
+		err = fmt.Errorf("%w; its changes are live all the same", err)
+	}
+	return d.fail(err)
+}
+
+// fail stops the store: every later write fails at once with the returned
+// error, which wraps ErrFailed and cause. The first call logs it and tells
+// OnFailed.
+func (d *Dir) fail(cause error) error {
+	d.failMu.Lock()
+	first := d.failed == nil
+	if first {
+		d.failed = &failedError{cause}
+	}
+	err := d.failed
+	d.failMu.Unlock()
+	if first {
+		d.logf("%v", err)
+		d.onFailed(err)
+	}
+	return err
+}
+
+// Failed returns the error writes fail with once the store stopped after
+// a failed write (it wraps ErrFailed), or nil while the store is healthy.
+func (d *Dir) Failed() error {
+	d.failMu.Lock()
+	defer d.failMu.Unlock()
+	return d.failed
+}
+
+// failedError is the error of a stopped store.
+type failedError struct{ cause error }
+
+func (e *failedError) Error() string {
+	return "store: stopped after a failed write (" + strings.TrimPrefix(e.cause.Error(), "store: ") + "); restart to recover"
+}
+
+func (e *failedError) Unwrap() []error { return []error{ErrFailed, e.cause} }
+
+// buckets are the buckets of a write transaction.
+type buckets struct {
+	meta, sched, content, quar, arrival *bolt.Bucket
+}
+
+func applyOp(o *op, b buckets) error {
 	k := idKey(o.id)
+	exists := b.meta.Get(k) != nil
+	switch {
+	case o.kind == opCreate && exists:
+		return fmt.Errorf("store: ID %v already in use", o.id)
+	case o.kind == opQuarantine && !exists && b.sched.Get(k) == nil:
+		return ErrNotFound // already moved aside or deleted
+	case (o.kind == opUpdate || o.kind == opDelete) && !exists:
+		return ErrNotFound
+	}
+	// An undecodable schedule entry has no index key; Oldest skips what
+	// is left behind of it.
+	oldArrival := schedArrivalKey(o.id, b.sched.Get(k))
 	switch o.kind {
 	case opCreate:
-		if meta.Get(k) != nil {
-			return fmt.Errorf("store: ID %v already in use", o.id)
-		}
 		if o.content != nil {
-			if err := content.Put(k, o.content); err != nil {
+			if err := b.content.Put(k, o.content); err != nil {
 				return err
 			}
-		}
-	case opUpdate:
-		if meta.Get(k) == nil {
-			return ErrNotFound
 		}
 	case opDelete:
-		if meta.Get(k) == nil {
-			return ErrNotFound
-		}
-		o.removeFile = content.Get(k) == nil
-		for _, b := range []*bolt.Bucket{meta, sched, content} {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		return nil
+		o.removeFile = b.content.Get(k) == nil
+		return removeEntry(k, oldArrival, b)
 	case opQuarantine:
-		if meta.Get(k) == nil && sched.Get(k) == nil {
-			return ErrNotFound // already moved aside or deleted
-		}
-		if e, err := decodeSched(o.id, sched.Get(k)); err == nil {
+		if e, err := decodeSched(o.id, b.sched.Get(k)); err == nil {
 			o.quarSched = &e
 		}
-		rec := quarantineRecord{Reason: o.reason, Time: time.Now().UTC(), Meta: meta.Get(k), Content: content.Get(k)}
+		rec := quarantineRecord{Reason: o.reason, Time: time.Now().UTC(), Meta: b.meta.Get(k), Content: b.content.Get(k)}
 		o.removeFile = rec.Content == nil
-		b, err := json.Marshal(rec)
+		v, err := json.Marshal(rec)
 		if err != nil {
 			return err
 		}
-		if err := quar.Put(k, b); err != nil {
+		if err := b.quar.Put(k, v); err != nil {
 			return err
 		}
-		for _, b := range []*bolt.Bucket{meta, sched, content} {
-			if err := b.Delete(k); err != nil {
+		return removeEntry(k, oldArrival, b)
+	}
+	if newArrival := schedArrivalKey(o.id, o.sched); !bytes.Equal(oldArrival, newArrival) {
+		if oldArrival != nil {
+			if err := b.arrival.Delete(oldArrival); err != nil {
 				return err
 			}
 		}
-		return nil
+		if err := b.arrival.Put(newArrival, nil); err != nil {
+			return err
+		}
 	}
-	if err := meta.Put(k, o.meta); err != nil {
+	if err := b.meta.Put(k, o.meta); err != nil {
 		return err
 	}
-	return sched.Put(k, o.sched)
+	return b.sched.Put(k, o.sched)
+}
+
+// removeEntry deletes the entry with key k and its arrival index key.
+func removeEntry(k, arrival []byte, b buckets) error {
+	if arrival != nil {
+		if err := b.arrival.Delete(arrival); err != nil {
+			return err
+		}
+	}
+	for _, bk := range []*bolt.Bucket{b.meta, b.sched, b.content} {
+		if err := bk.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // quarantineRecord is what is kept of an entry moved aside.
@@ -531,9 +872,12 @@ func (d *Dir) afterCommit(o *op) {
 	case opQuarantine:
 		// The quarantine record is committed; if this move is lost in a
 		// crash, the next OpenDir finishes it (see removeOrphans).
-		err = d.fs.Rename(src, filepath.Join(d.quarantineDir(), o.id.String()))
+		_, err = d.moveNoReplace(src, d.quarantineDir(), o.id.String())
 		if err == nil {
-			err = d.fs.SyncDir(d.quarantineDir())
+			if err := d.fs.SyncDir(d.quarantineDir()); err != nil {
+				d.fail(fmt.Errorf("store: fsync of %s: %w", d.quarantineDir(), err))
+			}
+			return
 		}
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -548,6 +892,9 @@ func (d *Dir) afterCommit(o *op) {
 func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) error {
 	if d.readOnly {
 		return errors.New("store: opened read-only")
+	}
+	if err := d.Failed(); err != nil {
+		return err
 	}
 	id := ID(d.nextID.Add(1))
 	m.ID = id
@@ -592,9 +939,11 @@ func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Rea
 }
 
 // discardContentFile removes the content file of a Create that failed. If
-// the removal fails too, the file is an orphan for the next OpenDir.
+// the removal fails too, the file is an orphan for the next OpenDir. A
+// stopped store keeps it: the entry may be durable all the same, and the
+// next OpenDir removes the file if it is not.
 func (d *Dir) discardContentFile(o *op) {
-	if o.file {
+	if o.file && d.Failed() == nil {
 		_ = d.fs.Remove(d.bodyPath(o.id))
 	}
 }
@@ -611,7 +960,9 @@ func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message)
 	defer func() {
 		if err != nil {
 			f.Close()
-			_ = d.fs.Remove(path)
+			if d.Failed() == nil {
+				_ = d.fs.Remove(path)
+			}
 		}
 	}()
 	if _, err = f.Write(prefix); err != nil {
@@ -623,7 +974,9 @@ func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message)
 	}
 	m.BodyLen = int64(len(prefix)) - m.HeaderLen + n
 	if err = f.Sync(); err != nil {
-		return fmt.Errorf("store: fsync content: %w", err)
+		// The file's state on disk is now unknown, and so is that of
+		// whatever else was written back with it.
+		return d.fail(fmt.Errorf("store: fsync of content file %v: %w", id, err))
 	}
 	if err = f.Close(); err != nil {
 		return fmt.Errorf("store: closing content: %w", err)
@@ -776,6 +1129,19 @@ func (d *Dir) corrupt(id ID, reason error) error {
 	return fmt.Errorf("%w %v: %v", ErrCorrupt, id, reason)
 }
 
+// firstAfter positions c at the first key after the key after (at the
+// first key if after is nil), for a scan continued in a new transaction.
+func firstAfter(c *bolt.Cursor, after []byte) (k, v []byte) {
+	if after == nil {
+		return c.First()
+	}
+	k, v = c.Seek(after)
+	if k != nil && bytes.Equal(k, after) {
+		k, v = c.Next()
+	}
+	return k, v
+}
+
 // scan visits a bucket in chunks of short read transactions.
 func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 	var after []byte
@@ -785,13 +1151,7 @@ func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 		var badErr []error
 		err := d.db.View(func(tx *bolt.Tx) error {
 			c := tx.Bucket(bucket).Cursor()
-			k, v := c.First()
-			if after != nil {
-				k, v = c.Seek(after)
-				if k != nil && bytes.Equal(k, after) {
-					k, v = c.Next()
-				}
-			}
+			k, v := firstAfter(c, after)
 			for ; k != nil && n < scanChunk; k, v = c.Next() {
 				n++
 				after = bytes.Clone(k)
@@ -843,22 +1203,26 @@ func (d *Dir) Walk(fn func(*Message) error) error {
 	})
 }
 
-// Oldest implements Store. IDs grow with arrival, so the first schedule
-// entry is the oldest message.
+// Oldest implements Store. It reads the first entry of the arrival index
+// that still matches a schedule entry; a format-1 database opened
+// read-only has no index and is scanned.
 func (d *Dir) Oldest() (time.Time, bool, error) {
+	if !d.indexed {
+		return d.oldestByScan()
+	}
 	var t time.Time
 	var ok bool
 	err := d.db.View(func(tx *bolt.Tx) error {
-		k, v := tx.Bucket(bucketSched).Cursor().First()
-		if k == nil {
+		sched := tx.Bucket(bucketSched)
+		c := tx.Bucket(bucketArrival).Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			id, arrival, valid := parseArrivalKey(k)
+			if !valid || !bytes.Equal(schedArrivalKey(id, sched.Get(idKey(id))), k) {
+				continue // left behind by a damaged schedule entry
+			}
+			t, ok = arrival, true
 			return nil
 		}
-		id, _ := keyID(k)
-		e, err := decodeSched(id, v)
-		if err != nil {
-			return nil // reported when Schedule or Get meets it
-		}
-		t, ok = e.Arrival, true
 		return nil
 	})
 	return t, ok, err
@@ -866,6 +1230,20 @@ func (d *Dir) Oldest() (time.Time, bool, error) {
 
 // LastID implements Store.
 func (d *Dir) LastID() ID { return ID(d.nextID.Load()) }
+
+// oldestByScan finds the earliest arrival by reading every schedule entry.
+func (d *Dir) oldestByScan() (time.Time, bool, error) {
+	defer releaseMapped(d.db)
+	var t time.Time
+	var ok bool
+	err := d.scan(bucketSched, func(id ID, v []byte) error {
+		if e, err := decodeSched(id, v); err == nil && (!ok || e.Arrival.Before(t)) {
+			t, ok = e.Arrival, true
+		}
+		return nil // a damaged entry is reported when Schedule meets it
+	})
+	return t, ok, err
+}
 
 // Quarantined returns the number of entries in quarantine.
 func (d *Dir) Quarantined() (int, error) {
@@ -892,5 +1270,20 @@ func (d *Dir) Close() error {
 	if d.done != nil {
 		<-d.done
 	}
-	return d.db.Close()
+	err := d.db.Close()
+	d.lock.release()
+	return err
+}
+
+// recoveryIDFloor returns the ID above which a database replacing a damaged
+// one starts. The damaged database cannot be read, so the floor must be
+// above any ID it could have issued. The floor is the time in units of
+// 2^-20 seconds (Unix seconds shifted left by 20 bits, plus the fraction
+// of the second), so it grows by about one per microsecond: a database
+// counting from 1 would have had to issue about a million IDs per second
+// since 1970 to reach it, and one that started at an earlier floor more
+// than one per microsecond since it was created. Each later recovery gets
+// a higher floor, as long as the clock does not go back.
+func recoveryIDFloor(now time.Time) ID {
+	return ID(uint64(now.Unix())<<20 | uint64(now.Nanosecond())<<20/1e9)
 }

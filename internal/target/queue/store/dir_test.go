@@ -477,15 +477,6 @@ func TestReadOnly(t *testing.T) {
 	}
 }
 
-func TestLockedByAnotherProcess(t *testing.T) {
-	dir := t.TempDir()
-	openTest(t, dir, DirOptions{})
-	_, err := OpenDir(dir, DirOptions{LockTimeout: 50 * time.Millisecond})
-	if err == nil || !strings.Contains(err.Error(), "locked") {
-		t.Fatalf("second OpenDir = %v, want a lock error", err)
-	}
-}
-
 func TestScheduleVisitsManyEntriesInChunks(t *testing.T) {
 	s := openTest(t, t.TempDir(), DirOptions{})
 	const n = scanChunk*2 + 17
@@ -522,6 +513,26 @@ func TestScheduleVisitsManyEntriesInChunks(t *testing.T) {
 type faultFS struct {
 	OSFS
 	failWrite, failSync, failSyncDir bool
+	// renameErr, if set, is asked before each rename of oldName.
+	renameErr func(oldName string) error
+}
+
+func (fs *faultFS) Rename(oldName, newName string) error {
+	if fs.renameErr != nil {
+		if err := fs.renameErr(oldName); err != nil {
+			return err
+		}
+	}
+	return fs.OSFS.Rename(oldName, newName)
+}
+
+func (fs *faultFS) RenameNoReplace(oldName, newName string) error {
+	if fs.renameErr != nil {
+		if err := fs.renameErr(oldName); err != nil {
+			return err
+		}
+	}
+	return fs.OSFS.RenameNoReplace(oldName, newName)
 }
 
 type faultFile struct {
@@ -565,9 +576,8 @@ func TestCreateFailuresLeaveNothingBehind(t *testing.T) {
 		set  func(*faultFS)
 		want error
 	}{
+		// Failed fsyncs stop the store: TestFailedFsyncStopsStore.
 		{"ENOSPC on write", func(f *faultFS) { f.failWrite = true }, syscall.ENOSPC},
-		{"EIO on fsync", func(f *faultFS) { f.failSync = true }, syscall.EIO},
-		{"EIO on directory fsync", func(f *faultFS) { f.failSyncDir = true }, syscall.EIO},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -584,6 +594,9 @@ func TestCreateFailuresLeaveNothingBehind(t *testing.T) {
 			}
 			if _, err := s.Get(m.ID); !errors.Is(err, ErrNotFound) {
 				t.Fatalf("failed message is visible: %v", err)
+			}
+			if err := s.Failed(); err != nil {
+				t.Fatalf("store stopped after a write failure: %v", err)
 			}
 			// Once the fault clears, the same store works again.
 			*ffs = faultFS{}

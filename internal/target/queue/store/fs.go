@@ -16,6 +16,9 @@ type FS interface {
 	Open(name string) (ReadFile, error)
 	Remove(name string) error
 	Rename(oldName, newName string) error
+	// RenameNoReplace renames like Rename, but if newName exists it fails
+	// with an error matching os.ErrExist instead of replacing it.
+	RenameNoReplace(oldName, newName string) error
 	ReadDir(name string) ([]os.DirEntry, error)
 	MkdirAll(name string) error
 	// SyncDir fsyncs a directory, making the names in it durable.
@@ -69,4 +72,15 @@ func (OSFS) SyncDir(name string) error {
 		err = cerr
 	}
 	return err
+}
+
+// linkUnlink renames without replacing by way of a hard link, which fails
+// if newName exists. A crash in between leaves both names; the file is
+// then met again under its old name. A symlink is linked itself, not its
+// target; a directory cannot be moved this way.
+func linkUnlink(oldName, newName string) error {
+	if err := os.Link(oldName, newName); err != nil {
+		return err
+	}
+	return os.Remove(oldName)
 }

@@ -177,17 +177,21 @@ func FuzzKeyID(f *testing.F) {
 
 func FuzzFormatMarker(f *testing.F) {
 	f.Add([]byte{dbFormat})
+	f.Add([]byte{1})
+	f.Add([]byte{0})
 	f.Add([]byte{99})
 	f.Add([]byte{})
 	f.Add([]byte{1, 0})
 	f.Add(bytes.Repeat([]byte{'x'}, 4096))
 	f.Fuzz(func(t *testing.T, v []byte) {
-		err := checkFormatValue(v)
-		if (err == nil) != (len(v) == 1 && v[0] == dbFormat) {
-			t.Fatalf("checkFormatValue(%x) = %v", v, err)
+		format, err := formatVersion(v)
+		if (err == nil) != (len(v) == 1 && v[0] >= 1 && v[0] <= dbFormat) {
+			t.Fatalf("formatVersion(%x) = %v", v, err)
 		}
 		if err != nil {
-			checkErr(t, "checkFormatValue", err)
+			checkErr(t, "formatVersion", err)
+		} else if format != v[0] {
+			t.Fatalf("formatVersion(%x) = %d", v, format)
 		}
 	})
 }

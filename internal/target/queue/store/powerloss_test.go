@@ -261,6 +261,34 @@ func plRun(t *testing.T, spec string, frozen <-chan struct{}) []string {
 	return strings.Split(strings.TrimSpace(stdout.String()), "\n")
 }
 
+// plNeedFUSE skips the test where FUSE cannot be used, except in CI.
+func plNeedFUSE(t *testing.T) {
+	t.Helper()
+	if err := lazyfs.Available(); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("FUSE is needed for this test in CI: %v", err)
+		}
+		t.Skipf("FUSE not available, test skipped: %v", err)
+	}
+}
+
+// plMount mounts fsys at mnt and returns the function that unmounts it.
+func plMount(t *testing.T, fsys *lazyfs.FS, mnt string) func() {
+	t.Helper()
+	srv, err := fsys.Mount(mnt)
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("mounting lazyfs: %v", err)
+		}
+		t.Skipf("FUSE not available, test skipped: %v", err)
+	}
+	return func() {
+		if err := lazyfs.Unmount(srv); err != nil {
+			t.Fatalf("unmount: %v", err)
+		}
+	}
+}
+
 // plState is what the parent knows of one message.
 type plState struct {
 	n int
@@ -276,12 +304,7 @@ func TestPowerLoss(t *testing.T) {
 	if testing.Short() {
 		t.Skip("spawns processes and mounts FUSE")
 	}
-	if err := lazyfs.Available(); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("FUSE is needed for the power-loss test in CI: %v", err)
-		}
-		t.Skipf("FUSE not available, power-loss test skipped: %v", err)
-	}
+	plNeedFUSE(t)
 	seed := time.Now().UnixNano()
 	if s := os.Getenv("SPOOL_POWERLOSS_SEED"); s != "" {
 		seed, _ = strconv.ParseInt(s, 10, 64)
@@ -296,20 +319,7 @@ func TestPowerLoss(t *testing.T) {
 	fsys := lazyfs.New()
 	mnt := t.TempDir()
 	dir := filepath.Join(mnt, "queue") // created by OpenDir on the mount
-	mount := func() func() {
-		srv, err := fsys.Mount(mnt)
-		if err != nil {
-			if os.Getenv("CI") != "" {
-				t.Fatalf("mounting lazyfs: %v", err)
-			}
-			t.Skipf("FUSE not available, power-loss test skipped: %v", err)
-		}
-		return func() {
-			if err := lazyfs.Unmount(srv); err != nil {
-				t.Fatalf("unmount: %v", err)
-			}
-		}
-	}
+	mount := func() func() { return plMount(t, fsys, mnt) }
 
 	known := map[ID]int{} // verified state: ID -> version
 	names := map[ID]int{} // ID -> message number

@@ -7,10 +7,23 @@
 //
 // # Layout of the directory store (Dir)
 //
+//	LOCATION/lock            lock file: flock held while the store is open,
+//	                         exclusive with the writer's PID in it, or
+//	                         shared by read-only openers
 //	LOCATION/queue.db        bbolt database: buckets meta, sched, content,
-//	                         quarantine, info
+//	                         quarantine, arrival (index by arrival time),
+//	                         info (format, ID high-water mark)
 //	LOCATION/bodies/ID       content of messages larger than InlineLimit
 //	LOCATION/quarantine/     content files of quarantined entries
+//
+// The arrival index (database format 2) is changed in the transaction
+// that creates, updates, deletes or quarantines an entry, so Oldest reads
+// one key instead of the whole queue. A format-1 database is migrated
+// when opened for writing: the index is built from the schedule entries
+// in chunks, and the format marker set to 2 last, so a crash during the
+// migration leaves format 1 and the next open starts it over. Builds that
+// know only format 1 refuse a format-2 database. A read-only open leaves
+// a format-1 database as it is, and Oldest then scans.
 //
 // Small messages (the common case) live entirely in queue.db, so that one
 // bbolt commit makes a whole batch of them durable: concurrent Create,
@@ -19,6 +32,13 @@
 // after the transaction holding its own change has been fsynced.
 //
 // # Durability contract
+//
+// OpenDir takes the lock before it reads queue.db, and fails, naming the
+// holder's PID, if another process holds it past LockTimeout. Only a
+// holder of the lock judges queue.db damaged, so a database another
+// process is still creating or growing is never moved aside. A damaged
+// database is also moved aside only while bbolt's own lock on it can be
+// taken, which keeps out builds that did not have the lock file.
 //
 // OpenDir fsyncs the store's directory and the one above it, so that the
 // names queue.db, bodies/ and quarantine/ (and the store directory itself,
@@ -53,10 +73,40 @@
 // the caller and counted, and the rest of the queue carries on. The move of
 // the file follows the commit of the quarantine record; if a crash loses
 // the move, Open finishes it instead of removing the file as an orphan.
+// A move into quarantine/ never replaces a file there: a taken name gets
+// a numeric suffix (ID.1, ID.2, ...), which is logged.
+//
 // When queue.db itself cannot be opened (garbage, empty, or shorter than
-// its own meta page says, which bbolt would meet as SIGBUS), it and every
-// content file are moved aside (and those moves fsynced) before a new,
-// empty database is created.
+// its own meta page says, which bbolt would meet as SIGBUS), every content
+// file is moved to quarantine/ (suffix .damaged-STAMP) and those moves are
+// fsynced, then queue.db is moved aside and that is fsynced, and only then
+// is a new, empty database created. If a content file cannot be moved,
+// OpenDir fails with an error naming it; queue.db stays in place and
+// nothing is deleted, so the next open tries again. A crash after the
+// move of queue.db but before the new database's first commit leaves no
+// (or an empty) queue.db next to the moved one; the next open creates the
+// database then, with the same ID floor (see ID).
+//
+// # Failed writes
+//
+// A write that fails cleanly fails alone, and the store goes on (with a
+// full disk, it takes new mail again once space is freed): a content file
+// that cannot be written, which Create removes, or a bbolt commit that
+// fails writing its pages, which bbolt rolls back before it writes the
+// meta page.
+//
+// A failed fsync is different: the kernel may drop the data it could not
+// write and report success for a later fsync, so what is on disk is
+// unknown. The same holds when bbolt fails after writing its meta page: it
+// reports an error, yet reads the new state back from its mapping (a read
+// transaction then has the failed one's ID). So after a failed fsync of a
+// content file, of bodies/ or quarantine/, or bbolt's fdatasync (or grow
+// sync), or a failed commit whose new state is live, the store stops:
+// every later Create, Update, Delete or Quarantine fails at once with an
+// error wrapping ErrFailed, reads go on, Failed reports the error, and
+// DirOptions.OnFailed is told once. Create keeps the content file it
+// wrote, since its entry may be durable; the next OpenDir removes it if
+// the entry is not. A restart recovers: OpenDir reads the state from disk.
 //
 // Content files are opened without following symlinks and must be regular
 // files of exactly the size the metadata gives; anything else is damage
@@ -65,9 +115,10 @@
 // left alone (and logged); removal and quarantine act on a symlink itself,
 // never on its target.
 //
-// The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9)
-// and TestPowerLoss, which runs the store on a FUSE file system that drops
-// everything not fsynced at random points (internal/testutils/lazyfs).
+// The contract is checked by TestCrashKeepsAcknowledgedMessages (kill -9),
+// TestPowerLoss, which runs the store on a FUSE file system that drops
+// everything not fsynced at random points (internal/testutils/lazyfs),
+// and TestFsyncFailure, which makes single fsyncs on it fail.
 package store
 
 import (
@@ -82,7 +133,15 @@ import (
 // ID identifies a queued message within one store. IDs are allocated in
 // increasing order and never reused while the store exists, so two messages
 // can never share a file name even when maddy's own 4-byte message IDs
-// collide.
+// collide, and an ID an operator saw earlier never names another message.
+// (Only the ID of a Create that failed, which no entry ever had, may be
+// handed out again after a restart.) The directory store keeps the highest
+// ID committed in its database, in the transaction that commits it, and
+// continues after it or after the highest ID an entry or a file name
+// shows, whichever is higher. A database that replaces a damaged one
+// (which cannot be read) starts above a floor derived from the clock,
+// about 2^20 per second since 1970, which no counter can have reached (see
+// recoveryIDFloor); its first transaction records that floor.
 type ID uint64
 
 // String returns the 16-digit hexadecimal form used in file names, logs and
@@ -316,6 +375,11 @@ var (
 	ErrCorrupt = errors.New("store: corrupt entry")
 	// ErrClosed is returned after Close.
 	ErrClosed = errors.New("store: closed")
+	// ErrFailed is wrapped by the error of every write once the store has
+	// stopped after a write that failed in a way that leaves what is on
+	// disk unknown (a failed fsync). Reads keep working; a restart, which
+	// reopens the store from what is on disk, recovers.
+	ErrFailed = errors.New("store: stopped after a failed write; restart to recover")
 )
 
 // QuarantineFunc is told about every entry moved aside, with the reason.
@@ -352,7 +416,9 @@ type Store interface {
 	// LastID returns the highest ID handed out so far: every message
 	// stored from now on has a higher one.
 	LastID() ID
-	// Oldest returns the arrival time of the oldest queued message.
+	// Oldest returns the earliest arrival time of the queued messages
+	// (which is not that of the lowest ID: imported mail keeps its
+	// arrival time).
 	Oldest() (time.Time, bool, error)
 	// Close releases the store; pending writes are finished first.
 	Close() error
