@@ -236,8 +236,8 @@ func (q *Queue) saveOutcome(retry context.Context, m *store.Message, remove bool
 		} else {
 			err = q.store.Update(context.Background(), m)
 		}
-		if err == nil || errors.Is(err, store.ErrNotFound) {
-			return err
+		if err == nil || errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrFailed) {
+			return err // no retry can succeed on a failed store
 		}
 		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
 		if !q.sleep(retry, storeRetryDelay) {

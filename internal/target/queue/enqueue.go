@@ -3,6 +3,7 @@ package queue
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/emersion/go-message/textproto"
@@ -78,6 +79,9 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 		Rcpts:              d.rcpts,
 	}
 
+	if err := q.store.Failed(); err != nil {
+		return d.storeErr(err)
+	}
 	var hdr bytes.Buffer
 	if err := textproto.WriteHeader(&hdr, header); err != nil {
 		return d.storeErr(err)
@@ -101,14 +105,20 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 }
 
 // storeErr turns a storage failure into a temporary SMTP error, so the
-// client keeps the message and tries again later (451 4.3.1, "insufficient
-// system storage" in RFC 3463 terms covers full disks and I/O errors).
+// client keeps the message and tries again later: 451 4.3.1 ("insufficient
+// system storage" in RFC 3463 terms covers full disks and I/O errors), or
+// 4.3.0 once the store has stopped after a failed write and refuses
+// everything until a restart.
 func (d *delivery) storeErr(err error) error {
 	metrics.EnqueueFailures.WithLabelValues(d.q.label(), metrics.ReasonStoreError).Inc()
 	d.q.Log.Error("cannot queue message", err, "msg_id", d.meta.ID)
+	code := exterrors.EnhancedCode{4, 3, 1}
+	if errors.Is(err, store.ErrFailed) {
+		code = exterrors.EnhancedCode{4, 3, 0}
+	}
 	return &exterrors.SMTPError{
 		Code:         451,
-		EnhancedCode: exterrors.EnhancedCode{4, 3, 1},
+		EnhancedCode: code,
 		Message:      "Unable to queue the message, try again later",
 		TargetName:   ModName,
 		Err:          err,

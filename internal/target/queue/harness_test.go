@@ -34,6 +34,8 @@ type harness struct {
 	// noWaitLoad makes open return before the stored schedule is loaded.
 	wrapStore  func(store.Store) store.Store
 	noWaitLoad bool
+	// dirOpts, if set, adjusts the options the store is opened with.
+	dirOpts func(*store.DirOptions)
 
 	done chan store.ID
 }
@@ -90,7 +92,11 @@ func (h *harness) open() {
 	// Entries are checked often in real time; whether they expired is
 	// decided on the fake clock.
 	q.receivingCheckEvery = time.Millisecond
-	st, err := store.OpenDir(h.dir, store.DirOptions{OnQuarantine: q.onQuarantine, Logf: q.Log.Printf})
+	opts := store.DirOptions{OnQuarantine: q.onQuarantine, OnFailed: q.onStoreFailed, Logf: q.Log.Printf}
+	if h.dirOpts != nil {
+		h.dirOpts(&opts)
+	}
+	st, err := store.OpenDir(h.dir, opts)
 	if err != nil {
 		h.t.Fatal(err)
 	}

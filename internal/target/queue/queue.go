@@ -140,6 +140,7 @@ func (q *Queue) Init(cfg *config.Map) error {
 	}
 	st, err := store.OpenDir(q.location, store.DirOptions{
 		OnQuarantine: q.onQuarantine,
+		OnFailed:     q.onStoreFailed,
 		Logf:         q.Log.Printf,
 	})
 	if err != nil {
@@ -269,11 +270,12 @@ func (q *Queue) Close() error {
 // Gauges implements metrics.Source.
 func (q *Queue) Gauges() metrics.Gauges {
 	g := metrics.Gauges{
-		Messages:   q.messages.Load(),
-		Recipients: q.recipients.Load(),
-		Held:       q.held.Load(),
-		Now:        q.clock.Now(),
-		MinFree:    q.cfg.minFreeSpace,
+		Messages:    q.messages.Load(),
+		Recipients:  q.recipients.Load(),
+		Held:        q.held.Load(),
+		Now:         q.clock.Now(),
+		MinFree:     q.cfg.minFreeSpace,
+		StoreFailed: q.store.Failed() != nil,
 	}
 	if free, err := q.freeSpace(); err == nil {
 		g.FreeBytes, g.HaveFree = free, true
@@ -296,6 +298,15 @@ func (q *Queue) onQuarantine(id store.ID, sched *store.SchedEntry, reason error)
 			q.held.Add(-1)
 		}
 	}
+}
+
+// onStoreFailed stops delivery once the store has stopped after a write
+// whose durability is unknown (a failed fsync): going on from such a state
+// could lose or repeat mail. New mail is refused by Body from now on, and
+// only a restart, which reads what really is on disk, recovers.
+func (q *Queue) onStoreFailed(err error) {
+	q.Log.Error("queue storage failed: refusing new mail and stopping delivery until maddy is restarted", err)
+	q.stopDispatch()
 }
 
 // label is the instance's "module" label in metrics. Inline definitions

@@ -137,6 +137,9 @@ type Gauges struct {
 	HaveFree  bool
 	// MinFree is the configured refusal margin (0: disabled).
 	MinFree uint64
+	// StoreFailed is set once the store stopped after a failed write
+	// whose durability is unknown; only a restart clears it.
+	StoreFailed bool
 }
 
 // Source reports a queue's gauges.
@@ -157,6 +160,8 @@ var (
 		"Bytes available to the server on the filesystem holding the queue.", []string{"module"}, nil)
 	minFreeDesc = prometheus.NewDesc("maddy_spool_min_free_space_bytes",
 		"Free space below which new mail is refused with 452 (min_free_space; 0 when disabled).", []string{"module"}, nil)
+	storeFailedDesc = prometheus.NewDesc("maddy_spool_store_failed",
+		"1 once the queue's store stopped after a failed write (new mail refused, delivery stopped until a restart); else 0.", []string{"module"}, nil)
 )
 
 // gaugeCollector reports the gauges of every registered queue. One
@@ -176,6 +181,7 @@ func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- oldestDesc
 	ch <- freeDesc
 	ch <- minFreeDesc
+	ch <- storeFailedDesc
 }
 
 func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
@@ -199,6 +205,11 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(freeDesc, prometheus.GaugeValue, float64(g.FreeBytes), name)
 		}
 		ch <- prometheus.MustNewConstMetric(minFreeDesc, prometheus.GaugeValue, float64(g.MinFree), name)
+		failed := 0.0
+		if g.StoreFailed {
+			failed = 1
+		}
+		ch <- prometheus.MustNewConstMetric(storeFailedDesc, prometheus.GaugeValue, failed, name)
 	}
 }
 

@@ -420,6 +420,10 @@ type Store interface {
 	// (which is not that of the lowest ID: imported mail keeps its
 	// arrival time).
 	Oldest() (time.Time, bool, error)
+	// Failed returns nil while the store works, and an error wrapping
+	// ErrFailed once it stopped after a write whose durability is unknown
+	// (see the package doc); every write then fails until a restart.
+	Failed() error
 	// Close releases the store; pending writes are finished first.
 	Close() error
 }
