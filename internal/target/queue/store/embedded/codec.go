@@ -1,12 +1,9 @@
 package embedded
 
 import (
-	"bytes"
 	"encoding/binary"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"strings"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"time"
 )
 
@@ -29,7 +26,7 @@ func encodeSched(e SchedEntry) []byte {
 	return b
 }
 
-func decodeSched(id ID, b []byte) (SchedEntry, error) {
+func decodeSched(id store.ID, b []byte) (SchedEntry, error) {
 	if len(b) != schedLen {
 		return SchedEntry{}, fmt.Errorf("schedule entry of %d bytes, want %d", len(b), schedLen)
 	}
@@ -45,17 +42,17 @@ func decodeSched(id ID, b []byte) (SchedEntry, error) {
 	}, nil
 }
 
-func idKey(id ID) []byte {
+func idKey(id store.ID) []byte {
 	var k [8]byte
 	binary.BigEndian.PutUint64(k[:], uint64(id))
 	return k[:]
 }
 
-func keyID(k []byte) (ID, bool) {
+func keyID(k []byte) (store.ID, bool) {
 	if len(k) != 8 {
 		return 0, false
 	}
-	return ID(binary.BigEndian.Uint64(k)), true
+	return store.ID(binary.BigEndian.Uint64(k)), true
 }
 
 // arrivalKeyLen is the length of a key of the arrival index: the arrival
@@ -65,7 +62,7 @@ const arrivalKeyLen = 16
 
 // schedArrivalKey returns the arrival index key of the message with
 // schedule value sched, or nil if sched is not well-formed.
-func schedArrivalKey(id ID, sched []byte) []byte {
+func schedArrivalKey(id store.ID, sched []byte) []byte {
 	if len(sched) != schedLen {
 		return nil
 	}
@@ -77,14 +74,36 @@ func schedArrivalKey(id ID, sched []byte) []byte {
 }
 
 // arrivalKey returns the arrival index key of a message.
-func arrivalKey(id ID, arrival time.Time) []byte {
+func arrivalKey(id store.ID, arrival time.Time) []byte {
 	return schedArrivalKey(id, encodeSched(SchedEntry{Arrival: arrival}))
 }
 
-func parseArrivalKey(k []byte) (ID, time.Time, bool) {
+func parseArrivalKey(k []byte) (store.ID, time.Time, bool) {
 	if len(k) != arrivalKeyLen {
 		return 0, time.Time{}, false
 	}
 	ns := int64(binary.BigEndian.Uint64(k) ^ 1<<63)
-	return ID(binary.BigEndian.Uint64(k[8:])), time.Unix(0, ns), true
+	return store.ID(binary.BigEndian.Uint64(k[8:])), time.Unix(0, ns), true
 }
+
+// SchedEntry is the part of a message that scheduling needs; start-up reads
+// only these.
+type SchedEntry struct {
+	ID          store.ID
+	NextAttempt time.Time
+	Arrival     time.Time
+	Held        bool
+	// Pending is the number of recipients still pending.
+	Pending int
+}
+
+// schedOf returns the schedule entry of m.
+func schedOf(m *store.Message) SchedEntry {
+	return SchedEntry{ID: m.ID, NextAttempt: m.NextAttempt, Arrival: m.Arrival, Held: m.Held, Pending: len(m.Pending())}
+}
+
+// QuarantineFunc is told about every entry moved aside, with the reason.
+// sched is the entry's schedule entry when it had a readable one (so the
+// caller knows the message was counted as queued), else nil. id is 0 for a
+// whole damaged database.
+type QuarantineFunc func(id store.ID, sched *SchedEntry, reason error)

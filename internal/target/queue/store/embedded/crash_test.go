@@ -1,9 +1,10 @@
-package store
+package embedded
 
 import (
 	"bufio"
 	"context"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"os/exec"
 	"strconv"
@@ -77,12 +78,12 @@ func TestCrashKeepsAcknowledgedMessages(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		acked := map[ID]int{}
+		acked := map[store.ID]int{}
 		sc := bufio.NewScanner(stdout)
 		// Kill after a varying number of acknowledgements, mid-stream.
 		killAt := 50 + round*70
 		for sc.Scan() {
-			var id ID
+			var id store.ID
 			var n int
 			if _, err := fmt.Sscanf(sc.Text(), "ack %d %d", &id, &n); err != nil {
 				t.Fatalf("child said %q", sc.Text())
@@ -95,7 +96,7 @@ func TestCrashKeepsAcknowledgedMessages(t *testing.T) {
 		}
 		// Acks printed before the kill landed count too.
 		for sc.Scan() {
-			var id ID
+			var id store.ID
 			var n int
 			if _, err := fmt.Sscanf(sc.Text(), "ack %d %d", &id, &n); err == nil {
 				acked[id] = n
@@ -119,7 +120,7 @@ func TestCrashKeepsAcknowledgedMessages(t *testing.T) {
 		}
 		// Everything present is whole: no entry without readable content.
 		total := 0
-		if err := s.Walk(func(m *Message) error {
+		if err := s.Walk(func(m *store.Message) error {
 			total++
 			_, err := s.Content(m)
 			return err

@@ -1,4 +1,4 @@
-package store
+package embedded
 
 import (
 	"bytes"
@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"os"
 	"path/filepath"
@@ -116,7 +117,7 @@ const (
 
 type op struct {
 	kind    opKind
-	id      ID
+	id      store.ID
 	meta    []byte
 	sched   []byte
 	content []byte // inline content, opCreate only
@@ -153,7 +154,7 @@ func OpenDir(path string, opts DirOptions) (*Dir, error) {
 		d.logf = func(string, ...interface{}) {}
 	}
 	if d.onQuar == nil {
-		d.onQuar = func(ID, *SchedEntry, error) {}
+		d.onQuar = func(store.ID, *SchedEntry, error) {}
 	}
 	if d.onFailed == nil {
 		d.onFailed = func(error) {}
@@ -420,7 +421,7 @@ const (
 // committed). Then it is the higher of recoveryIDFloor and the highest ID
 // among the files in quarantine/, which the damaged one's content files
 // were moved to.
-func (d *Dir) replacementFloor() (ID, error) {
+func (d *Dir) replacementFloor() (store.ID, error) {
 	entries, err := d.fs.ReadDir(d.path)
 	if err != nil {
 		return 0, fmt.Errorf("store: %w", err)
@@ -458,7 +459,7 @@ func formatVersion(v []byte) (byte, error) {
 }
 
 // raiseLastID raises the stored high-water mark of IDs to id.
-func raiseLastID(info *bolt.Bucket, id ID) error {
+func raiseLastID(info *bolt.Bucket, id store.ID) error {
 	if id == 0 || id <= storedLastID(info) {
 		return nil
 	}
@@ -467,7 +468,7 @@ func raiseLastID(info *bolt.Bucket, id ID) error {
 
 // storedLastID returns the high-water mark of IDs, 0 if none is stored
 // (a database written by a build that did not keep one).
-func storedLastID(info *bolt.Bucket) ID {
+func storedLastID(info *bolt.Bucket) store.ID {
 	if info == nil {
 		return 0
 	}
@@ -480,7 +481,7 @@ func storedLastID(info *bolt.Bucket) ID {
 // bodies/ or quarantine/), so no ID is handed out twice, also in a store
 // whose database has no high-water mark yet.
 func (d *Dir) initNextID() error {
-	var last ID
+	var last store.ID
 	err := d.db.View(func(tx *bolt.Tx) error {
 		last = storedLastID(tx.Bucket(bucketInfo))
 		for _, name := range [][]byte{bucketMeta, bucketSched, bucketContent, bucketQuarantine} {
@@ -513,15 +514,15 @@ func (d *Dir) initNextID() error {
 // highestFileID returns the highest ID that names a file in dir: a content
 // file ("ID"), a leftover ("ID.tmp"), or a file moved to quarantine/
 // ("ID.damaged-STAMP", "ID.N").
-func (d *Dir) highestFileID(dir string) (ID, error) {
+func (d *Dir) highestFileID(dir string) (store.ID, error) {
 	entries, err := d.fs.ReadDir(dir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return 0, fmt.Errorf("store: %w", err)
 	}
-	var last ID
+	var last store.ID
 	for _, e := range entries {
 		name, _, _ := strings.Cut(e.Name(), ".")
-		if id, err := ParseID(name); err == nil {
+		if id, err := store.ParseID(name); err == nil {
 			last = max(last, id)
 		}
 	}
@@ -541,7 +542,7 @@ func (d *Dir) removeOrphans() error {
 		meta, quar := tx.Bucket(bucketMeta), tx.Bucket(bucketQuarantine)
 		for _, e := range entries {
 			name := e.Name()
-			id, perr := ParseID(name)
+			id, perr := store.ParseID(name)
 			if perr == nil && meta.Get(idKey(id)) != nil {
 				continue
 			}
@@ -598,9 +599,9 @@ func (d *Dir) moveNoReplace(src, dir, name string) (string, error) {
 	}
 }
 
-func (d *Dir) bodiesDir() string     { return filepath.Join(d.path, "bodies") }
-func (d *Dir) quarantineDir() string { return filepath.Join(d.path, "quarantine") }
-func (d *Dir) bodyPath(id ID) string { return filepath.Join(d.bodiesDir(), id.String()) }
+func (d *Dir) bodiesDir() string           { return filepath.Join(d.path, "bodies") }
+func (d *Dir) quarantineDir() string       { return filepath.Join(d.path, "quarantine") }
+func (d *Dir) bodyPath(id store.ID) string { return filepath.Join(d.bodiesDir(), id.String()) }
 
 // submit hands an operation to the committer and waits until it is
 // durable (or failed).
@@ -615,7 +616,7 @@ func (d *Dir) submit(ctx context.Context, o *op) error {
 	d.mu.RLock()
 	if d.closed {
 		d.mu.RUnlock()
-		return ErrClosed
+		return store.ErrClosed
 	}
 	select {
 	case d.ops <- o:
@@ -690,7 +691,7 @@ func (d *Dir) commitTx(batch []*op, errs []error) error {
 			meta: tx.Bucket(bucketMeta), sched: tx.Bucket(bucketSched), content: tx.Bucket(bucketContent),
 			quar: tx.Bucket(bucketQuarantine), arrival: tx.Bucket(bucketArrival),
 		}
-		var lastID ID
+		var lastID store.ID
 		for i, o := range batch {
 			if o.kind == opCreate {
 				lastID = max(lastID, o.id)
@@ -698,7 +699,7 @@ func (d *Dir) commitTx(batch []*op, errs []error) error {
 			errs[i] = applyOp(o, b)
 			// Only bbolt's own failures abort the transaction; a
 			// per-operation error (e.g. not found) fails just that one.
-			if errs[i] != nil && !errors.Is(errs[i], ErrNotFound) {
+			if errs[i] != nil && !errors.Is(errs[i], store.ErrNotFound) {
 				return errs[i]
 			}
 		}
@@ -775,7 +776,7 @@ func (e *failedError) Error() string {
 	return "store: stopped after a failed write (" + strings.TrimPrefix(e.cause.Error(), "store: ") + "); restart to recover"
 }
 
-func (e *failedError) Unwrap() []error { return []error{ErrFailed, e.cause} }
+func (e *failedError) Unwrap() []error { return []error{store.ErrFailed, e.cause} }
 
 // buckets are the buckets of a write transaction.
 type buckets struct {
@@ -789,9 +790,9 @@ func applyOp(o *op, b buckets) error {
 	case o.kind == opCreate && exists:
 		return fmt.Errorf("store: ID %v already in use", o.id)
 	case o.kind == opQuarantine && !exists && b.sched.Get(k) == nil:
-		return ErrNotFound // already moved aside or deleted
+		return store.ErrNotFound // already moved aside or deleted
 	case (o.kind == opUpdate || o.kind == opDelete) && !exists:
-		return ErrNotFound
+		return store.ErrNotFound
 	}
 	// An undecodable schedule entry has no index key; Oldest skips what
 	// is left behind of it.
@@ -889,14 +890,14 @@ func (d *Dir) afterCommit(o *op) {
 }
 
 // Create implements Store.
-func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) error {
+func (d *Dir) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) error {
 	if d.readOnly {
 		return errors.New("store: opened read-only")
 	}
 	if err := d.Failed(); err != nil {
 		return err
 	}
-	id := ID(d.nextID.Add(1))
+	id := store.ID(d.nextID.Add(1))
 	m.ID = id
 	m.HeaderLen = int64(len(header))
 
@@ -926,11 +927,11 @@ func (d *Dir) Create(ctx context.Context, m *Message, header []byte, body io.Rea
 	}
 
 	var err error
-	if o.meta, err = encodeMeta(m); err != nil {
+	if o.meta, err = store.EncodeMeta(m); err != nil {
 		d.discardContentFile(o)
 		return err
 	}
-	o.sched = encodeSched(m.Sched())
+	o.sched = encodeSched(schedOf(m))
 	if err := d.submit(ctx, o); err != nil {
 		d.discardContentFile(o)
 		return err
@@ -951,7 +952,7 @@ func (d *Dir) discardContentFile(o *op) {
 // writeContentFile is step 1 of the durability contract: the content file
 // is complete and fsynced before any metadata refers to it. prefix is
 // written first (the header, or bytes already read from body).
-func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message) (err error) {
+func (d *Dir) writeContentFile(id store.ID, prefix []byte, body io.Reader, m *store.Message) (err error) {
 	path := d.bodyPath(id)
 	f, err := d.fs.CreateExcl(path)
 	if err != nil {
@@ -985,29 +986,29 @@ func (d *Dir) writeContentFile(id ID, prefix []byte, body io.Reader, m *Message)
 }
 
 // Update implements Store.
-func (d *Dir) Update(ctx context.Context, m *Message) error {
-	b, err := encodeMeta(m)
+func (d *Dir) Update(ctx context.Context, m *store.Message) error {
+	b, err := store.EncodeMeta(m)
 	if err != nil {
 		return err
 	}
-	return d.submit(ctx, &op{kind: opUpdate, id: m.ID, meta: b, sched: encodeSched(m.Sched())})
+	return d.submit(ctx, &op{kind: opUpdate, id: m.ID, meta: b, sched: encodeSched(schedOf(m))})
 }
 
 // Delete implements Store.
-func (d *Dir) Delete(ctx context.Context, id ID) error {
+func (d *Dir) Delete(ctx context.Context, id store.ID) error {
 	return d.submit(ctx, &op{kind: opDelete, id: id})
 }
 
 // Quarantine implements Store. It never fails loudly: if even that write
 // fails, the entry stays where it is and is met again on the next read.
-func (d *Dir) Quarantine(id ID, reason error) {
+func (d *Dir) Quarantine(id store.ID, reason error) {
 	if d.readOnly {
 		d.onQuar(id, nil, reason)
 		return
 	}
 	o := &op{kind: opQuarantine, id: id, reason: reason.Error()}
 	switch err := d.submit(context.Background(), o); {
-	case errors.Is(err, ErrNotFound):
+	case errors.Is(err, store.ErrNotFound):
 		return // someone else moved or deleted it first
 	case err != nil:
 		d.logf("store: quarantining %v failed: %v", id, err)
@@ -1017,12 +1018,12 @@ func (d *Dir) Quarantine(id ID, reason error) {
 }
 
 // Get implements Store.
-func (d *Dir) Get(id ID) (*Message, error) {
+func (d *Dir) Get(id store.ID) (*store.Message, error) {
 	var raw []byte
 	err := d.db.View(func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketMeta).Get(idKey(id))
 		if v == nil {
-			return ErrNotFound
+			return store.ErrNotFound
 		}
 		raw = bytes.Clone(v)
 		return nil
@@ -1030,20 +1031,20 @@ func (d *Dir) Get(id ID) (*Message, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, err := decodeMeta(id, raw)
+	m, err := store.DecodeMeta(id, raw)
 	if err != nil {
 		d.Quarantine(id, err)
-		return nil, fmt.Errorf("%w %v: %v", ErrCorrupt, id, err)
+		return nil, fmt.Errorf("%w %v: %v", store.ErrCorrupt, id, err)
 	}
 	return m, nil
 }
 
 // Content implements Store.
-func (d *Dir) Content(m *Message) (Content, error) {
+func (d *Dir) Content(m *store.Message) (store.Content, error) {
 	var inline []byte
 	err := d.db.View(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketMeta).Get(idKey(m.ID)) == nil {
-			return ErrNotFound
+			return store.ErrNotFound
 		}
 		if v := tx.Bucket(bucketContent).Get(idKey(m.ID)); v != nil {
 			inline = bytes.Clone(v)
@@ -1051,44 +1052,44 @@ func (d *Dir) Content(m *Message) (Content, error) {
 		return nil
 	})
 	if err != nil {
-		return Content{}, err
+		return store.Content{}, err
 	}
 	if inline != nil {
 		if int64(len(inline)) != m.Size() {
-			return Content{}, d.corrupt(m.ID, fmt.Errorf("content is %d bytes, metadata says %d", len(inline), m.Size()))
+			return store.Content{}, d.corrupt(m.ID, fmt.Errorf("content is %d bytes, metadata says %d", len(inline), m.Size()))
 		}
-		return Content{Header: inline[:m.HeaderLen], Body: memBody(inline[m.HeaderLen:])}, nil
+		return store.Content{Header: inline[:m.HeaderLen], Body: memBody(inline[m.HeaderLen:])}, nil
 	}
 
 	path := d.bodyPath(m.ID)
 	f, err := d.fs.Open(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is missing", path))
+			return store.Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is missing", path))
 		}
 		if errors.Is(err, syscall.ELOOP) {
-			return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is a symlink; not followed", path))
+			return store.Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is a symlink; not followed", path))
 		}
-		return Content{}, fmt.Errorf("store: %w", err)
+		return store.Content{}, fmt.Errorf("store: %w", err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return Content{}, fmt.Errorf("store: %w", err)
+		return store.Content{}, fmt.Errorf("store: %w", err)
 	}
 	if !fi.Mode().IsRegular() {
-		return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is not a regular file (%v)", path, fi.Mode().Type()))
+		return store.Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is not a regular file (%v)", path, fi.Mode().Type()))
 	}
 	if fi.Size() != m.Size() {
-		return Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is %d bytes, metadata says %d", path, fi.Size(), m.Size()))
+		return store.Content{}, d.corrupt(m.ID, fmt.Errorf("content file %s is %d bytes, metadata says %d", path, fi.Size(), m.Size()))
 	}
 	// Allocated only now: the length is backed by the file's real size,
 	// not just by what the metadata claims.
 	header := make([]byte, m.HeaderLen)
 	if _, err = io.ReadFull(f, header); err != nil {
-		return Content{}, fmt.Errorf("store: reading content: %w", err)
+		return store.Content{}, fmt.Errorf("store: reading content: %w", err)
 	}
-	return Content{Header: header, Body: fileBody{fs: d.fs, path: path, off: m.HeaderLen, n: m.BodyLen}}, nil
+	return store.Content{Header: header, Body: fileBody{fs: d.fs, path: path, off: m.HeaderLen, n: m.BodyLen}}, nil
 }
 
 type memBody []byte
@@ -1124,9 +1125,9 @@ func (b fileBody) Open() (io.ReadCloser, error) {
 func (b fileBody) Len() int      { return int(b.n) }
 func (b fileBody) Remove() error { return nil }
 
-func (d *Dir) corrupt(id ID, reason error) error {
+func (d *Dir) corrupt(id store.ID, reason error) error {
 	d.Quarantine(id, reason)
-	return fmt.Errorf("%w %v: %v", ErrCorrupt, id, reason)
+	return fmt.Errorf("%w %v: %v", store.ErrCorrupt, id, reason)
 }
 
 // firstAfter positions c at the first key after the key after (at the
@@ -1143,11 +1144,11 @@ func firstAfter(c *bolt.Cursor, after []byte) (k, v []byte) {
 }
 
 // scan visits a bucket in chunks of short read transactions.
-func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
+func (d *Dir) scan(bucket []byte, fn func(id store.ID, v []byte) error) error {
 	var after []byte
 	for {
 		n := 0
-		var bad []ID
+		var bad []store.ID
 		var badErr []error
 		err := d.db.View(func(tx *bolt.Tx) error {
 			c := tx.Bucket(bucket).Cursor()
@@ -1160,7 +1161,7 @@ func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 					continue // not written by us; left for the operator
 				}
 				if err := fn(id, v); err != nil {
-					if errors.Is(err, ErrCorrupt) {
+					if errors.Is(err, store.ErrCorrupt) {
 						bad, badErr = append(bad, id), append(badErr, err)
 						continue
 					}
@@ -1182,22 +1183,22 @@ func (d *Dir) scan(bucket []byte, fn func(id ID, v []byte) error) error {
 // Schedule implements Store.
 func (d *Dir) Schedule(fn func(SchedEntry) error) error {
 	defer releaseMapped(d.db)
-	return d.scan(bucketSched, func(id ID, v []byte) error {
+	return d.scan(bucketSched, func(id store.ID, v []byte) error {
 		e, err := decodeSched(id, v)
 		if err != nil {
-			return fmt.Errorf("%w: %v", ErrCorrupt, err)
+			return fmt.Errorf("%w: %v", store.ErrCorrupt, err)
 		}
 		return fn(e)
 	})
 }
 
 // Walk implements Store.
-func (d *Dir) Walk(fn func(*Message) error) error {
+func (d *Dir) Walk(fn func(*store.Message) error) error {
 	defer releaseMapped(d.db)
-	return d.scan(bucketMeta, func(id ID, v []byte) error {
-		m, err := decodeMeta(id, v)
+	return d.scan(bucketMeta, func(id store.ID, v []byte) error {
+		m, err := store.DecodeMeta(id, v)
 		if err != nil {
-			return fmt.Errorf("%w: %v", ErrCorrupt, err)
+			return fmt.Errorf("%w: %v", store.ErrCorrupt, err)
 		}
 		return fn(m)
 	})
@@ -1229,14 +1230,14 @@ func (d *Dir) Oldest() (time.Time, bool, error) {
 }
 
 // LastID implements Store.
-func (d *Dir) LastID() ID { return ID(d.nextID.Load()) }
+func (d *Dir) LastID() store.ID { return store.ID(d.nextID.Load()) }
 
 // oldestByScan finds the earliest arrival by reading every schedule entry.
 func (d *Dir) oldestByScan() (time.Time, bool, error) {
 	defer releaseMapped(d.db)
 	var t time.Time
 	var ok bool
-	err := d.scan(bucketSched, func(id ID, v []byte) error {
+	err := d.scan(bucketSched, func(id store.ID, v []byte) error {
 		if e, err := decodeSched(id, v); err == nil && (!ok || e.Arrival.Before(t)) {
 			t, ok = e.Arrival, true
 		}
@@ -1284,6 +1285,6 @@ func (d *Dir) Close() error {
 // since 1970 to reach it, and one that started at an earlier floor more
 // than one per microsecond since it was created. Each later recovery gets
 // a higher floor, as long as the clock does not go back.
-func recoveryIDFloor(now time.Time) ID {
-	return ID(uint64(now.Unix())<<20 | uint64(now.Nanosecond())<<20/1e9)
+func recoveryIDFloor(now time.Time) store.ID {
+	return store.ID(uint64(now.Unix())<<20 | uint64(now.Nanosecond())<<20/1e9)
 }

@@ -1,10 +1,11 @@
-package store
+package embedded
 
 import (
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"os"
 	"path/filepath"
@@ -19,10 +20,10 @@ import (
 
 var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
 
-func newMsg(rcpts ...string) *Message {
-	m := &Message{MsgID: "abcd", From: "sender@example.org", Arrival: t0, NextAttempt: t0}
+func newMsg(rcpts ...string) *store.Message {
+	m := &store.Message{MsgID: "abcd", From: "sender@example.org", Arrival: t0, NextAttempt: t0}
 	for _, r := range rcpts {
-		m.Rcpts = append(m.Rcpts, Rcpt{Addr: r})
+		m.Rcpts = append(m.Rcpts, store.Rcpt{Addr: r})
 	}
 	return m
 }
@@ -40,7 +41,7 @@ func openTest(t *testing.T, dir string, opts DirOptions) *Dir {
 	return s
 }
 
-func readContent(t *testing.T, s *Dir, m *Message) (string, string) {
+func readContent(t *testing.T, s *Dir, m *store.Message) (string, string) {
 	t.Helper()
 	c, err := s.Content(m)
 	if err != nil {
@@ -125,7 +126,7 @@ func TestPersistenceAcrossReopen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ids []ID
+	var ids []store.ID
 	for i := 0; i < 5; i++ {
 		m := newMsg(fmt.Sprintf("r%d@example.com", i))
 		m.NextAttempt = t0.Add(time.Duration(i) * time.Minute)
@@ -182,8 +183,8 @@ func TestUpdateAndDelete(t *testing.T) {
 	if err := s.Create(context.Background(), m, []byte("H: v\r\n\r\n"), strings.NewReader("a long enough body"), 18); err != nil {
 		t.Fatal(err)
 	}
-	m.Rcpts[0].State = RcptDelivered
-	m.Rcpts[0].LastError = &SMTPStatus{Code: 451, Enhanced: [3]int{4, 4, 1}, Message: "later", Temporary: true}
+	m.Rcpts[0].State = store.RcptDelivered
+	m.Rcpts[0].LastError = &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 4, 1}, Message: "later", Temporary: true}
 	m.Attempts = 3
 	if err := s.Update(context.Background(), m); err != nil {
 		t.Fatal(err)
@@ -192,7 +193,7 @@ func TestUpdateAndDelete(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Rcpts[0].State != RcptDelivered || got.Attempts != 3 || got.Rcpts[0].LastError.Code != 451 {
+	if got.Rcpts[0].State != store.RcptDelivered || got.Attempts != 3 || got.Rcpts[0].LastError.Code != 451 {
 		t.Fatalf("after update: %+v", got)
 	}
 	if err := s.Delete(context.Background(), m.ID); err != nil {
@@ -201,13 +202,13 @@ func TestUpdateAndDelete(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "bodies", m.ID.String())); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("content file left after delete: %v", err)
 	}
-	if _, err := s.Get(m.ID); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Get(m.ID); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("Get after delete: %v", err)
 	}
-	if err := s.Update(context.Background(), m); !errors.Is(err, ErrNotFound) {
+	if err := s.Update(context.Background(), m); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("Update after delete: %v", err)
 	}
-	if err := s.Delete(context.Background(), m.ID); !errors.Is(err, ErrNotFound) {
+	if err := s.Delete(context.Background(), m.ID); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("Delete twice: %v", err)
 	}
 }
@@ -216,7 +217,7 @@ func TestConcurrentCreatesShareCommits(t *testing.T) {
 	s := openTest(t, t.TempDir(), DirOptions{})
 	const n = 200
 	var wg sync.WaitGroup
-	ids := make(chan ID, n)
+	ids := make(chan store.ID, n)
 	for i := 0; i < n; i++ {
 		wg.Add(1)
 		go func(i int) {
@@ -232,7 +233,7 @@ func TestConcurrentCreatesShareCommits(t *testing.T) {
 	}
 	wg.Wait()
 	close(ids)
-	seen := map[ID]bool{}
+	seen := map[store.ID]bool{}
 	for id := range ids {
 		if seen[id] {
 			t.Fatalf("duplicate ID %v", id)
@@ -258,8 +259,8 @@ func TestOrphanAndTempFilesRemovedAtOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	orphan := filepath.Join(dir, "bodies", ID(999).String())
-	tmp := filepath.Join(dir, "bodies", ID(1000).String()+".tmp")
+	orphan := filepath.Join(dir, "bodies", store.ID(999).String())
+	tmp := filepath.Join(dir, "bodies", store.ID(1000).String()+".tmp")
 	foreign := filepath.Join(dir, "bodies", "README")
 	for _, p := range []string{orphan, tmp, foreign} {
 		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
@@ -289,7 +290,7 @@ func TestOrphanAndTempFilesRemovedAtOpen(t *testing.T) {
 }
 
 // corruptKey overwrites one key of a bucket behind the store's back.
-func corruptKey(t *testing.T, dir string, bucket []byte, id ID, val []byte) {
+func corruptKey(t *testing.T, dir string, bucket []byte, id store.ID, val []byte) {
 	t.Helper()
 	db, err := bolt.Open(filepath.Join(dir, "queue.db"), 0o600, nil)
 	if err != nil {
@@ -323,7 +324,7 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var ms []*Message
+			var ms []*store.Message
 			for i := 0; i < 3; i++ {
 				m := newMsg("a@example.com")
 				if err := s.Create(context.Background(), m, []byte("H: v\r\n\r\n"), strings.NewReader("body"), 4); err != nil {
@@ -335,19 +336,19 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 			bad := ms[1]
 			corruptKey(t, dir, tc.bucket, bad.ID, tc.value)
 
-			var quarantined []ID
-			s2 := openTest(t, dir, DirOptions{OnQuarantine: func(id ID, _ *SchedEntry, reason error) {
+			var quarantined []store.ID
+			s2 := openTest(t, dir, DirOptions{OnQuarantine: func(id store.ID, _ *SchedEntry, reason error) {
 				t.Logf("quarantined %v: %v", id, reason)
 				quarantined = append(quarantined, id)
 			}})
 			switch tc.via {
 			case "get":
-				if _, err := s2.Get(bad.ID); !errors.Is(err, ErrCorrupt) {
+				if _, err := s2.Get(bad.ID); !errors.Is(err, store.ErrCorrupt) {
 					t.Fatalf("Get: %v, want ErrCorrupt", err)
 				}
 			case "walk":
 				n := 0
-				if err := s2.Walk(func(*Message) error { n++; return nil }); err != nil {
+				if err := s2.Walk(func(*store.Message) error { n++; return nil }); err != nil {
 					t.Fatal(err)
 				}
 				if n != 2 {
@@ -362,7 +363,7 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 					t.Fatalf("scheduled %d good entries, want 2", n)
 				}
 			case "content":
-				if _, err := s2.Content(bad); !errors.Is(err, ErrCorrupt) {
+				if _, err := s2.Content(bad); !errors.Is(err, store.ErrCorrupt) {
 					t.Fatalf("Content: %v, want ErrCorrupt", err)
 				}
 			}
@@ -372,10 +373,10 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 			if n, _ := s2.Quarantined(); n != 1 {
 				t.Fatalf("%d entries in quarantine, want 1", n)
 			}
-			if _, err := s2.Get(bad.ID); !errors.Is(err, ErrNotFound) {
+			if _, err := s2.Get(bad.ID); !errors.Is(err, store.ErrNotFound) {
 				t.Fatalf("bad entry still queued: %v", err)
 			}
-			for _, m := range []*Message{ms[0], ms[2]} {
+			for _, m := range []*store.Message{ms[0], ms[2]} {
 				if _, b := readContent(t, s2, m); b != "body" {
 					t.Fatalf("good entry damaged: %q", b)
 				}
@@ -386,8 +387,8 @@ func TestCorruptEntriesAreQuarantined(t *testing.T) {
 
 func TestMissingContentFileIsQuarantined(t *testing.T) {
 	dir := t.TempDir()
-	var quarantined []ID
-	s := openTest(t, dir, DirOptions{InlineLimit: 1, OnQuarantine: func(id ID, _ *SchedEntry, _ error) { quarantined = append(quarantined, id) }})
+	var quarantined []store.ID
+	s := openTest(t, dir, DirOptions{InlineLimit: 1, OnQuarantine: func(id store.ID, _ *SchedEntry, _ error) { quarantined = append(quarantined, id) }})
 	m := newMsg("a@example.com")
 	if err := s.Create(context.Background(), m, []byte("H: v\r\n\r\n"), strings.NewReader("body"), 4); err != nil {
 		t.Fatal(err)
@@ -395,7 +396,7 @@ func TestMissingContentFileIsQuarantined(t *testing.T) {
 	if err := os.Truncate(filepath.Join(dir, "bodies", m.ID.String()), 3); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Content(m); !errors.Is(err, ErrCorrupt) {
+	if _, err := s.Content(m); !errors.Is(err, store.ErrCorrupt) {
 		t.Fatalf("Content: %v", err)
 	}
 	if len(quarantined) != 1 {
@@ -421,7 +422,7 @@ func TestDamagedDatabaseMovedAside(t *testing.T) {
 		t.Fatal(err)
 	}
 	var reasons []error
-	s2 := openTest(t, dir, DirOptions{OnQuarantine: func(_ ID, _ *SchedEntry, r error) { reasons = append(reasons, r) }})
+	s2 := openTest(t, dir, DirOptions{OnQuarantine: func(_ store.ID, _ *SchedEntry, r error) { reasons = append(reasons, r) }})
 	if len(reasons) != 1 {
 		t.Fatalf("damage not reported: %v", reasons)
 	}
@@ -469,7 +470,7 @@ func TestReadOnly(t *testing.T) {
 	s.Close()
 	ro := openTest(t, dir, DirOptions{ReadOnly: true})
 	n := 0
-	if err := ro.Walk(func(*Message) error { n++; return nil }); err != nil || n != 1 {
+	if err := ro.Walk(func(*store.Message) error { n++; return nil }); err != nil || n != 1 {
 		t.Fatalf("Walk: %d %v", n, err)
 	}
 	if err := ro.Delete(context.Background(), m.ID); err == nil {
@@ -494,7 +495,7 @@ func TestScheduleVisitsManyEntriesInChunks(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	var last ID
+	var last store.ID
 	count := 0
 	err := s.Schedule(func(e SchedEntry) error {
 		if e.ID <= last {
@@ -592,7 +593,7 @@ func TestCreateFailuresLeaveNothingBehind(t *testing.T) {
 			if entries, _ := os.ReadDir(filepath.Join(dir, "bodies")); len(entries) != 0 {
 				t.Fatalf("files left behind: %v", entries)
 			}
-			if _, err := s.Get(m.ID); !errors.Is(err, ErrNotFound) {
+			if _, err := s.Get(m.ID); !errors.Is(err, store.ErrNotFound) {
 				t.Fatalf("failed message is visible: %v", err)
 			}
 			if err := s.Failed(); err != nil {
@@ -610,7 +611,7 @@ func TestCreateFailuresLeaveNothingBehind(t *testing.T) {
 func TestParseID(t *testing.T) {
 	for _, tc := range []struct {
 		in   string
-		want ID
+		want store.ID
 		ok   bool
 	}{
 		{"000000000000002a", 42, true},
@@ -621,9 +622,9 @@ func TestParseID(t *testing.T) {
 		{"12/34", 0, false},
 		{"00000000000000001", 0, false},
 		{"xyz", 0, false},
-		{"ffffffffffffffff", ^ID(0), true},
+		{"ffffffffffffffff", ^store.ID(0), true},
 	} {
-		got, err := ParseID(tc.in)
+		got, err := store.ParseID(tc.in)
 		if (err == nil) != tc.ok || got != tc.want {
 			t.Errorf("ParseID(%q) = %v, %v", tc.in, got, err)
 		}

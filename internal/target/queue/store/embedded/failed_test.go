@@ -1,8 +1,9 @@
-package store
+package embedded
 
 import (
 	"context"
 	"errors"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
@@ -21,24 +22,24 @@ func TestFailedFsyncStopsStore(t *testing.T) {
 		// fail arms the fault and makes the store meet it with victim. It
 		// returns the error the store returned (nil where the operation
 		// has none) and the ID whose content file the store must keep.
-		fail func(t *testing.T, s *Dir, ffs *faultFS, dir string, victim *Message) (error, ID)
+		fail func(t *testing.T, s *Dir, ffs *faultFS, dir string, victim *store.Message) (error, store.ID)
 	}{
-		{"content file fsync", func(t *testing.T, s *Dir, ffs *faultFS, dir string, _ *Message) (error, ID) {
+		{"content file fsync", func(t *testing.T, s *Dir, ffs *faultFS, dir string, _ *store.Message) (error, store.ID) {
 			ffs.failSync = true
 			m := newMsg("new@example.com")
 			return s.Create(context.Background(), m, nil, strings.NewReader(body), int64(len(body))), m.ID
 		}},
-		{"bodies/ fsync", func(t *testing.T, s *Dir, ffs *faultFS, dir string, _ *Message) (error, ID) {
+		{"bodies/ fsync", func(t *testing.T, s *Dir, ffs *faultFS, dir string, _ *store.Message) (error, store.ID) {
 			ffs.failSyncDir = true
 			m := newMsg("new@example.com")
 			return s.Create(context.Background(), m, nil, strings.NewReader(body), int64(len(body))), m.ID
 		}},
-		{"quarantine/ fsync", func(t *testing.T, s *Dir, ffs *faultFS, dir string, victim *Message) (error, ID) {
+		{"quarantine/ fsync", func(t *testing.T, s *Dir, ffs *faultFS, dir string, victim *store.Message) (error, store.ID) {
 			if err := os.Truncate(filepath.Join(dir, "bodies", victim.ID.String()), 1); err != nil {
 				t.Fatal(err)
 			}
 			ffs.failSyncDir = true
-			if _, err := s.Content(victim); !errors.Is(err, ErrCorrupt) {
+			if _, err := s.Content(victim); !errors.Is(err, store.ErrCorrupt) {
 				t.Fatalf("Content of a damaged entry = %v", err)
 			}
 			return nil, 0
@@ -55,7 +56,7 @@ func TestFailedFsyncStopsStore(t *testing.T) {
 				told = append(told, err)
 			}})
 			keep, victim := newMsg("keep@example.com"), newMsg("victim@example.com")
-			for _, m := range []*Message{keep, victim} {
+			for _, m := range []*store.Message{keep, victim} {
 				if err := s.Create(context.Background(), m, nil, strings.NewReader(body), int64(len(body))); err != nil {
 					t.Fatal(err)
 				}
@@ -65,11 +66,11 @@ func TestFailedFsyncStopsStore(t *testing.T) {
 			}
 
 			err, kept := tc.fail(t, s, ffs, dir, victim)
-			if err != nil && (!errors.Is(err, ErrFailed) || !errors.Is(err, syscall.EIO)) {
+			if err != nil && (!errors.Is(err, store.ErrFailed) || !errors.Is(err, syscall.EIO)) {
 				t.Fatalf("failing operation returned %v, want ErrFailed and EIO", err)
 			}
 			failed := s.Failed()
-			if !errors.Is(failed, ErrFailed) || !errors.Is(failed, syscall.EIO) {
+			if !errors.Is(failed, store.ErrFailed) || !errors.Is(failed, syscall.EIO) {
 				t.Fatalf("Failed() = %v, want ErrFailed and EIO", failed)
 			}
 			t.Logf("Failed() = %v", failed)
@@ -83,7 +84,7 @@ func TestFailedFsyncStopsStore(t *testing.T) {
 				"Delete": s.Delete(context.Background(), keep.ID),
 			}
 			for op, err := range writes {
-				if !errors.Is(err, ErrFailed) {
+				if !errors.Is(err, store.ErrFailed) {
 					t.Errorf("%s after the failure = %v, want ErrFailed", op, err)
 				}
 			}
@@ -99,7 +100,7 @@ func TestFailedFsyncStopsStore(t *testing.T) {
 				t.Fatalf("content of %v: %q", keep.ID, b)
 			}
 			n := 0
-			if err := s.Walk(func(*Message) error { n++; return nil }); err != nil || n == 0 {
+			if err := s.Walk(func(*store.Message) error { n++; return nil }); err != nil || n == 0 {
 				t.Fatalf("Walk: %d entries, %v", n, err)
 			}
 			if _, ok, err := s.Oldest(); err != nil || !ok {

@@ -1,4 +1,4 @@
-package store
+package embedded
 
 import (
 	"bufio"
@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,7 +59,7 @@ func ffWork(dir string) {
 	}
 	defer s.Close()
 	ctx := context.Background()
-	create := func(n int) (*Message, error) {
+	create := func(n int) (*store.Message, error) {
 		m := plMessage(n, 0)
 		body := crashBody(n)
 		err := s.Create(ctx, m, []byte(plHeader(n)), strings.NewReader(body), int64(len(body)))
@@ -81,21 +82,21 @@ func ffWork(dir string) {
 	}
 
 	m, err := create(41)
-	if !errors.Is(err, ErrFailed) {
+	if !errors.Is(err, store.ErrFailed) {
 		bad("Create meeting the fault = %v, want ErrFailed", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "bodies", m.ID.String())); err != nil {
 		bad("content file of the failed Create removed: %v", err)
 	}
-	if _, err := create(42); !errors.Is(err, ErrFailed) {
+	if _, err := create(42); !errors.Is(err, store.ErrFailed) {
 		bad("Create after the failure = %v, want ErrFailed", err)
 	}
 	upd := plMessage(1, 1)
 	upd.ID, upd.HeaderLen, upd.BodyLen = small.ID, small.HeaderLen, small.BodyLen
-	if err := s.Update(ctx, upd); !errors.Is(err, ErrFailed) {
+	if err := s.Update(ctx, upd); !errors.Is(err, store.ErrFailed) {
 		bad("Update after the failure = %v, want ErrFailed", err)
 	}
-	if err := s.Delete(ctx, large.ID); !errors.Is(err, ErrFailed) {
+	if err := s.Delete(ctx, large.ID); !errors.Is(err, store.ErrFailed) {
 		bad("Delete after the failure = %v, want ErrFailed", err)
 	}
 	mu.Lock()
@@ -103,7 +104,7 @@ func ffWork(dir string) {
 		bad("OnFailed told %v, Failed() = %v", told, failed)
 	}
 	mu.Unlock()
-	for _, m := range []*Message{small, large} {
+	for _, m := range []*store.Message{small, large} {
 		if _, err := s.Content(m); err != nil {
 			bad("reading %v after the failure: %v", m.ID, err)
 		}

@@ -1,9 +1,10 @@
-package store
+package embedded
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
@@ -43,7 +44,7 @@ func TestFullDiskDoesNotStopStore(t *testing.T) {
 
 	// Inline messages: only bbolt writes, and meets the full disk.
 	body := strings.Repeat("x", 32<<10)
-	var acked []*Message
+	var acked []*store.Message
 	var createErr error
 	for i := 0; i < 1000 && createErr == nil; i++ {
 		m := newMsg(fmt.Sprintf("r%d@example.com", i))

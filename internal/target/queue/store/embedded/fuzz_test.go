@@ -1,8 +1,9 @@
-package store
+package embedded
 
 import (
 	"bytes"
 	"encoding/binary"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"os"
 	"path/filepath"
@@ -35,23 +36,23 @@ func checkErr(t *testing.T, what string, err error) {
 func FuzzDecodeMeta(f *testing.F) {
 	full := newMsg("a@example.com", "b@example.org")
 	full.OriginalFrom = "orig@example.org"
-	full.MailOpts = MailOptions{Body: "8BITMIME", Size: 1234, RequireTLS: true, UTF8: true, Return: "HDRS", EnvelopeID: "env-1"}
+	full.MailOpts = store.MailOptions{Body: "8BITMIME", Size: 1234, RequireTLS: true, UTF8: true, Return: "HDRS", EnvelopeID: "env-1"}
 	auth := "<>"
 	full.MailOpts.Auth = &auth
-	full.Conn = ConnInfo{Proto: "ESMTPS", Hostname: "mx.example.org", RemoteAddr: "192.0.2.1:25", AuthUser: "u"}
+	full.Conn = store.ConnInfo{Proto: "ESMTPS", Hostname: "mx.example.org", RemoteAddr: "192.0.2.1:25", AuthUser: "u"}
 	full.Rcpts[0].Notify = []string{"SUCCESS", "FAILURE"}
 	full.Rcpts[0].OrigType, full.Rcpts[0].Orig = "rfc822", "a@example.com"
-	full.Rcpts[1].State = RcptFailed
+	full.Rcpts[1].State = store.RcptFailed
 	full.Rcpts[1].Tries = 3
 	full.Rcpts[1].LastAttempt = t0.Add(time.Hour)
-	full.Rcpts[1].LastError = &SMTPStatus{Code: 550, Enhanced: [3]int{5, 1, 1}, Message: "no such user", RemoteMTA: "mx.example.org"}
+	full.Rcpts[1].LastError = &store.SMTPStatus{Code: 550, Enhanced: [3]int{5, 1, 1}, Message: "no such user", RemoteMTA: "mx.example.org"}
 	full.Rcpts[1].Reported = 3
 	full.HeaderLen, full.BodyLen = 100, 200
 	full.Attempts = 2
 	full.FirstAttempt, full.LastAttempt = t0, t0.Add(time.Hour)
-	full.AddHistory(AttemptRecord{Time: t0, Duration: time.Second, Delivered: 1, Permanent: 1, Error: "550 no such user"})
-	for _, m := range []*Message{newMsg("a@example.com"), full} {
-		b, err := encodeMeta(m)
+	full.AddHistory(store.AttemptRecord{Time: t0, Duration: time.Second, Delivered: 1, Permanent: 1, Error: "550 no such user"})
+	for _, m := range []*store.Message{newMsg("a@example.com"), full} {
+		b, err := store.EncodeMeta(m)
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -67,7 +68,7 @@ func FuzzDecodeMeta(f *testing.F) {
 	f.Add([]byte{})
 
 	f.Fuzz(func(t *testing.T, b []byte) {
-		m, err := decodeMeta(42, b)
+		m, err := store.DecodeMeta(42, b)
 		if err != nil {
 			checkErr(t, "decodeMeta", err)
 			return
@@ -77,15 +78,15 @@ func FuzzDecodeMeta(f *testing.F) {
 		}
 		// What was accepted can be written back (Update must not fail
 		// forever on a loaded entry), and reads back the same.
-		enc, err := encodeMeta(m)
+		enc, err := store.EncodeMeta(m)
 		if err != nil {
 			t.Fatalf("encodeMeta of decoded metadata: %v", err)
 		}
-		m2, err := decodeMeta(42, enc)
+		m2, err := store.DecodeMeta(42, enc)
 		if err != nil {
 			t.Fatalf("decodeMeta(encodeMeta(m)): %v\n%s", err, enc)
 		}
-		enc2, err := encodeMeta(m2)
+		enc2, err := store.EncodeMeta(m2)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -93,7 +94,7 @@ func FuzzDecodeMeta(f *testing.F) {
 			t.Fatalf("round trip changed metadata:\n%s\n%s", enc, enc2)
 		}
 		// The schedule entry derived from it survives its own encoding.
-		if _, err := decodeSched(42, encodeSched(m.Sched())); err != nil {
+		if _, err := decodeSched(42, encodeSched(schedOf(m))); err != nil {
 			t.Fatalf("sched of decoded metadata: %v", err)
 		}
 	})
@@ -133,7 +134,7 @@ func FuzzParseID(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		id, err := ParseID(s)
+		id, err := store.ParseID(s)
 		if err != nil {
 			checkErr(t, "ParseID", err)
 			return
@@ -149,7 +150,7 @@ func FuzzParseID(f *testing.F) {
 		if len(str) != 16 || !strings.EqualFold(strings.TrimLeft(str, "0"), strings.TrimLeft(s, "0")) {
 			t.Fatalf("ParseID(%q).String() = %q", s, str)
 		}
-		if back, err := ParseID(str); err != nil || back != id {
+		if back, err := store.ParseID(str); err != nil || back != id {
 			t.Fatalf("ParseID(String()) = %v, %v; want %v", back, err, id)
 		}
 		if back, ok := keyID(idKey(id)); !ok || back != id {
@@ -160,7 +161,7 @@ func FuzzParseID(f *testing.F) {
 
 func FuzzKeyID(f *testing.F) {
 	f.Add(idKey(1))
-	f.Add(idKey(^ID(0)))
+	f.Add(idKey(^store.ID(0)))
 	f.Add([]byte{1, 2, 3})
 	f.Add([]byte("meta"))
 	f.Add(make([]byte, 9))

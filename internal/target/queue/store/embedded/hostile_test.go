@@ -1,10 +1,11 @@
-package store
+package embedded
 
 import (
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"math/rand"
 	"os"
@@ -28,8 +29,8 @@ type hostileFixture struct {
 	dir         string
 	outside     string // a file outside the store, with secret content
 	outsideData string
-	inline      []*Message
-	files       []*Message
+	inline      []*store.Message
+	files       []*store.Message
 }
 
 const (
@@ -73,7 +74,9 @@ func newHostileFixture(t *testing.T) *hostileFixture {
 	return fx
 }
 
-func (fx *hostileFixture) body(id ID) string { return filepath.Join(fx.dir, "bodies", id.String()) }
+func (fx *hostileFixture) body(id store.ID) string {
+	return filepath.Join(fx.dir, "bodies", id.String())
+}
 
 func TestHostileDirectory(t *testing.T) {
 	type outcome struct {
@@ -81,7 +84,7 @@ func TestHostileDirectory(t *testing.T) {
 		dbAside bool
 		// bad: entries that must end in quarantine, with a reason
 		// containing reason.
-		bad    func(fx *hostileFixture) []ID
+		bad    func(fx *hostileFixture) []store.ID
 		reason string
 		// kept: paths (relative to the store directory) that must still
 		// exist afterwards.
@@ -89,9 +92,9 @@ func TestHostileDirectory(t *testing.T) {
 		// logged: a substring of some log line.
 		logged string
 	}
-	noBad := func(*hostileFixture) []ID { return nil }
-	badFile := func(i int) func(fx *hostileFixture) []ID {
-		return func(fx *hostileFixture) []ID { return []ID{fx.files[i].ID} }
+	noBad := func(*hostileFixture) []store.ID { return nil }
+	badFile := func(i int) func(fx *hostileFixture) []store.ID {
+		return func(fx *hostileFixture) []store.ID { return []store.ID{fx.files[i].ID} }
 	}
 	truncateDB := func(size int64) func(*testing.T, *hostileFixture) {
 		return func(t *testing.T, fx *hostileFixture) {
@@ -147,7 +150,7 @@ func TestHostileDirectory(t *testing.T) {
 			}
 		}, outcome{bad: badFile(0), reason: "symlink"}},
 		{"orphan symlink to a file outside", func(t *testing.T, fx *hostileFixture) {
-			if err := os.Symlink(fx.outside, fx.body(ID(0x77))); err != nil {
+			if err := os.Symlink(fx.outside, fx.body(store.ID(0x77))); err != nil {
 				t.Fatal(err)
 			}
 		}, outcome{bad: noBad}},
@@ -205,7 +208,7 @@ func TestHostileDirectory(t *testing.T) {
 			tc.damage(t, fx)
 			var mu sync.Mutex
 			var logs []string
-			reasons := map[ID]string{}
+			reasons := map[store.ID]string{}
 			s, err := OpenDir(fx.dir, DirOptions{
 				InlineLimit: 64,
 				Logf: func(f string, a ...interface{}) {
@@ -214,7 +217,7 @@ func TestHostileDirectory(t *testing.T) {
 					logs = append(logs, fmt.Sprintf(f, a...))
 					t.Logf("log: "+f, a...)
 				},
-				OnQuarantine: func(id ID, _ *SchedEntry, r error) {
+				OnQuarantine: func(id store.ID, _ *SchedEntry, r error) {
 					mu.Lock()
 					defer mu.Unlock()
 					reasons[id] = r.Error()
@@ -232,13 +235,13 @@ func TestHostileDirectory(t *testing.T) {
 				t.Fatalf("Schedule: %v", err)
 			}
 			good := 0
-			var walked []*Message
-			if err := s.Walk(func(m *Message) error { walked = append(walked, m); return nil }); err != nil {
+			var walked []*store.Message
+			if err := s.Walk(func(m *store.Message) error { walked = append(walked, m); return nil }); err != nil {
 				t.Fatalf("Walk: %v", err)
 			}
 			for _, m := range walked {
 				c, err := s.Content(m)
-				if errors.Is(err, ErrCorrupt) {
+				if errors.Is(err, store.ErrCorrupt) {
 					continue
 				}
 				if err != nil {
@@ -253,7 +256,7 @@ func TestHostileDirectory(t *testing.T) {
 				good++
 			}
 
-			all := append(append([]*Message{}, fx.inline...), fx.files...)
+			all := append(append([]*store.Message{}, fx.inline...), fx.files...)
 			if tc.want.dbAside {
 				if good != 0 || len(walked) != 0 {
 					t.Fatalf("%d entries after the database was moved aside", len(walked))

@@ -1,7 +1,8 @@
-package store
+package embedded
 
 import (
 	"context"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,13 +12,13 @@ import (
 )
 
 // createN stores n messages; file-backed when large is set.
-func createN(t *testing.T, s *Dir, n int, large bool) []ID {
+func createN(t *testing.T, s *Dir, n int, large bool) []store.ID {
 	t.Helper()
 	body := "short"
 	if large {
 		body = strings.Repeat("x", int(s.inlineLimit)+1)
 	}
-	var ids []ID
+	var ids []store.ID
 	for i := 0; i < n; i++ {
 		m := newMsg("a@example.com")
 		if err := s.Create(context.Background(), m, nil, strings.NewReader(body), int64(len(body))); err != nil {
@@ -69,7 +70,7 @@ func TestNextIDWithoutHighWaterMark(t *testing.T) {
 		name string
 		// plant leaves a trace of ID 0x500 somewhere; "" plants nothing.
 		plant string
-		want  ID
+		want  store.ID
 	}{
 		{"highest entry", "", 3},
 		{"file in bodies/", "bodies/0000000000000500.tmp", 0x500},

@@ -1,8 +1,9 @@
-package store
+package embedded
 
 import (
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
@@ -130,7 +131,7 @@ func TestReadOnlyWithoutLockFile(t *testing.T) {
 	}
 	ro := openTest(t, dir, DirOptions{ReadOnly: true})
 	n := 0
-	if err := ro.Walk(func(*Message) error { n++; return nil }); err != nil || n != 1 {
+	if err := ro.Walk(func(*store.Message) error { n++; return nil }); err != nil || n != 1 {
 		t.Fatalf("Walk: %d entries, %v", n, err)
 	}
 	if _, err := os.Lstat(filepath.Join(dir, "lock")); !errors.Is(err, os.ErrNotExist) {

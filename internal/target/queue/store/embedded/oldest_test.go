@@ -1,9 +1,10 @@
-package store
+package embedded
 
 import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -15,9 +16,9 @@ import (
 
 // createArrivals stores one message per arrival offset from t0, in order
 // (so IDs grow along the list), and returns them.
-func createArrivals(t *testing.T, s *Dir, offsets []time.Duration) []*Message {
+func createArrivals(t *testing.T, s *Dir, offsets []time.Duration) []*store.Message {
 	t.Helper()
-	var ms []*Message
+	var ms []*store.Message
 	for _, off := range offsets {
 		m := newMsg("a@example.com")
 		m.Arrival = t0.Add(off)
@@ -45,20 +46,20 @@ func TestOldestByArrival(t *testing.T) {
 		name     string
 		arrivals []time.Duration
 		// change is applied to the stored messages before Oldest.
-		change func(t *testing.T, s *Dir, ms []*Message)
+		change func(t *testing.T, s *Dir, ms []*store.Message)
 		want   time.Duration
 		empty  bool
 	}{
 		{"newer ID arrived earlier", []time.Duration{0, -2 * h, -1 * h}, nil, -2 * h, false},
-		{"earliest deleted", []time.Duration{0, -2 * h, -1 * h}, func(t *testing.T, s *Dir, ms []*Message) {
+		{"earliest deleted", []time.Duration{0, -2 * h, -1 * h}, func(t *testing.T, s *Dir, ms []*store.Message) {
 			if err := s.Delete(context.Background(), ms[1].ID); err != nil {
 				t.Fatal(err)
 			}
 		}, -1 * h, false},
-		{"earliest quarantined", []time.Duration{0, -2 * h, -1 * h}, func(t *testing.T, s *Dir, ms []*Message) {
+		{"earliest quarantined", []time.Duration{0, -2 * h, -1 * h}, func(t *testing.T, s *Dir, ms []*store.Message) {
 			s.Quarantine(ms[1].ID, errors.New("test"))
 		}, -1 * h, false},
-		{"arrival updated", []time.Duration{0, -2 * h, -1 * h}, func(t *testing.T, s *Dir, ms []*Message) {
+		{"arrival updated", []time.Duration{0, -2 * h, -1 * h}, func(t *testing.T, s *Dir, ms []*store.Message) {
 			ms[0].Arrival = t0.Add(-3 * h)
 			if err := s.Update(context.Background(), ms[0]); err != nil {
 				t.Fatal(err)
@@ -70,7 +71,7 @@ func TestOldestByArrival(t *testing.T) {
 		}, -3 * h, false},
 		{"same arrival", []time.Duration{h, h}, nil, h, false},
 		{"before 1970", []time.Duration{0, -60 * 24 * 365 * h}, nil, -60 * 24 * 365 * h, false},
-		{"all deleted", []time.Duration{0, -h}, func(t *testing.T, s *Dir, ms []*Message) {
+		{"all deleted", []time.Duration{0, -h}, func(t *testing.T, s *Dir, ms []*store.Message) {
 			for _, m := range ms {
 				if err := s.Delete(context.Background(), m.ID); err != nil {
 					t.Fatal(err)

@@ -1,10 +1,11 @@
-package store
+package embedded
 
 import (
 	"bufio"
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"math/rand"
 	"os"
@@ -49,17 +50,17 @@ const (
 
 // plMessage is the exact metadata of message n at version v (the number of
 // Updates applied), so the verifier can tell a mixed state from a whole one.
-func plMessage(n, v int) *Message {
+func plMessage(n, v int) *store.Message {
 	m := newMsg(fmt.Sprintf("r%da@example.com", n), fmt.Sprintf("r%db@example.com", n))
 	m.MsgID = strconv.Itoa(n)
 	m.Attempts = v
 	m.NextAttempt = t0.Add(time.Duration(v) * time.Minute)
 	m.Held = v%3 == 2
 	if v > 0 {
-		m.Rcpts[v%2].State = RcptDelivered
+		m.Rcpts[v%2].State = store.RcptDelivered
 		m.Rcpts[v%2].Tries = v
 		m.LastAttempt = t0.Add(time.Duration(v) * time.Second)
-		m.AddHistory(AttemptRecord{Time: m.LastAttempt, Error: strings.Repeat("e", v)})
+		m.AddHistory(store.AttemptRecord{Time: m.LastAttempt, Error: strings.Repeat("e", v)})
 	}
 	return m
 }
@@ -90,8 +91,8 @@ func plWork(dir string, seed int64) {
 		os.Exit(3)
 	}
 	// Existing messages are split between the workers by ID.
-	owned := make([][]*Message, plWorkers)
-	if err := s.Walk(func(m *Message) error {
+	owned := make([][]*store.Message, plWorkers)
+	if err := s.Walk(func(m *store.Message) error {
 		owned[int(m.ID)%plWorkers] = append(owned[int(m.ID)%plWorkers], m)
 		return nil
 	}); err != nil {
@@ -101,7 +102,7 @@ func plWork(dir string, seed int64) {
 	var wg sync.WaitGroup
 	for w := 0; w < plWorkers; w++ {
 		wg.Add(1)
-		go func(w int, mine []*Message) {
+		go func(w int, mine []*store.Message) {
 			defer wg.Done()
 			rng := rand.New(rand.NewSource(seed + int64(w)))
 			for i := 0; i < plOps; i++ {
@@ -155,21 +156,23 @@ func plVerify(dir string) {
 	defer out.Flush()
 	var quarantined []string
 	s, err := OpenDir(dir, DirOptions{
-		InlineLimit:  plInline,
-		OnQuarantine: func(id ID, _ *SchedEntry, r error) { quarantined = append(quarantined, fmt.Sprintf("%v: %v", id, r)) },
-		Logf:         func(f string, a ...interface{}) { fmt.Fprintf(out, "log "+f+"\n", a...) },
+		InlineLimit: plInline,
+		OnQuarantine: func(id store.ID, _ *SchedEntry, r error) {
+			quarantined = append(quarantined, fmt.Sprintf("%v: %v", id, r))
+		},
+		Logf: func(f string, a ...interface{}) { fmt.Fprintf(out, "log "+f+"\n", a...) },
 	})
 	if err != nil {
 		fmt.Fprintf(out, "bad store does not open: %v\n", err)
 		return
 	}
 	defer s.Close()
-	sched := map[ID]SchedEntry{}
+	sched := map[store.ID]SchedEntry{}
 	if err := s.Schedule(func(e SchedEntry) error { sched[e.ID] = e; return nil }); err != nil {
 		fmt.Fprintf(out, "bad Schedule: %v\n", err)
 	}
-	var msgs []*Message
-	if err := s.Walk(func(m *Message) error { msgs = append(msgs, m); return nil }); err != nil {
+	var msgs []*store.Message
+	if err := s.Walk(func(m *store.Message) error { msgs = append(msgs, m); return nil }); err != nil {
 		fmt.Fprintf(out, "bad Walk: %v\n", err)
 	}
 	for _, m := range msgs {
@@ -180,14 +183,14 @@ func plVerify(dir string) {
 		}
 		want := plMessage(n, m.Attempts)
 		want.ID, want.HeaderLen, want.BodyLen = m.ID, int64(len(plHeader(n))), int64(len(crashBody(n)))
-		gotMeta, _ := encodeMeta(m)
-		wantMeta, _ := encodeMeta(want)
+		gotMeta, _ := store.EncodeMeta(m)
+		wantMeta, _ := store.EncodeMeta(want)
 		if !bytes.Equal(gotMeta, wantMeta) {
 			fmt.Fprintf(out, "bad %v: metadata is not a whole version:\n got %s\nwant %s\n", m.ID, gotMeta, wantMeta)
 			continue
 		}
 		if e, ok := sched[m.ID]; !ok || !e.NextAttempt.Equal(m.NextAttempt) || !e.Arrival.Equal(m.Arrival) || e.Held != m.Held || e.Pending != len(m.Pending()) {
-			fmt.Fprintf(out, "bad %v: schedule entry %+v (present %v) does not match metadata %+v\n", m.ID, e, ok, m.Sched())
+			fmt.Fprintf(out, "bad %v: schedule entry %+v (present %v) does not match metadata %+v\n", m.ID, e, ok, schedOf(m))
 			continue
 		}
 		c, err := s.Content(m)
@@ -216,7 +219,7 @@ func plVerify(dir string) {
 		fmt.Fprintf(out, "bad reading bodies/: %v\n", err)
 	}
 	for _, e := range entries {
-		id, err := ParseID(e.Name())
+		id, err := store.ParseID(e.Name())
 		if err != nil {
 			fmt.Fprintf(out, "bad foreign file bodies/%s\n", e.Name())
 			continue
@@ -321,8 +324,8 @@ func TestPowerLoss(t *testing.T) {
 	dir := filepath.Join(mnt, "queue") // created by OpenDir on the mount
 	mount := func() func() { return plMount(t, fsys, mnt) }
 
-	known := map[ID]int{} // verified state: ID -> version
-	names := map[ID]int{} // ID -> message number
+	known := map[store.ID]int{} // verified state: ID -> version
+	names := map[store.ID]int{} // ID -> message number
 	// Average number of mutating operations of a whole work round, learnt
 	// from rounds that ran to the end; the crash point is drawn below it.
 	maxK := 1500
@@ -353,7 +356,7 @@ func TestPowerLoss(t *testing.T) {
 		crashes++
 
 		// Expectations from the verified state plus this round's log.
-		exp := map[ID]*plState{}
+		exp := map[store.ID]*plState{}
 		for id, v := range known {
 			exp[id] = &plState{n: names[id], versions: map[int]bool{v: true}, must: true}
 		}
@@ -363,7 +366,7 @@ func TestPowerLoss(t *testing.T) {
 				continue
 			}
 			id64, _ := strconv.ParseUint(f[1], 10, 64)
-			id := ID(id64)
+			id := store.ID(id64)
 			if f[0] != "create-ok" && exp[id] == nil {
 				continue // op-error lines, or an ID the verifier never saw
 			}
@@ -393,7 +396,7 @@ func TestPowerLoss(t *testing.T) {
 		unmount = mount()
 		out := plRun(t, "verify:"+dir, nil)
 		unmount()
-		found := map[ID]int{}
+		found := map[store.ID]int{}
 		for _, l := range out {
 			f := strings.Fields(l)
 			switch {
@@ -402,12 +405,12 @@ func TestPowerLoss(t *testing.T) {
 				id64, _ := strconv.ParseUint(f[1], 10, 64)
 				n, _ := strconv.Atoi(f[2])
 				v, _ := strconv.Atoi(f[3])
-				found[ID(id64)] = v
-				if _, ok := names[ID(id64)]; !ok {
-					names[ID(id64)] = n
+				found[store.ID(id64)] = v
+				if _, ok := names[store.ID(id64)]; !ok {
+					names[store.ID(id64)] = n
 				}
-				if names[ID(id64)] != n {
-					t.Errorf("round %d: entry %v holds message %d, was created as %d", round, ID(id64), n, names[ID(id64)])
+				if names[store.ID(id64)] != n {
+					t.Errorf("round %d: entry %v holds message %d, was created as %d", round, store.ID(id64), n, names[store.ID(id64)])
 				}
 			default:
 				t.Errorf("round %d (seed %d, crash at op %d, torn %v): %s", round, roundSeed, k, torn, l)

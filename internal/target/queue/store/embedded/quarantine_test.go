@@ -1,9 +1,10 @@
-package store
+package embedded
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
@@ -41,19 +42,19 @@ func TestQuarantineMoveNeverReplaces(t *testing.T) {
 		name string
 		// quarantine moves m's content file to quarantine/ by way of the
 		// store at dir (closed), and returns the store.
-		quarantine func(t *testing.T, dir string, m *Message, logs *logRecorder) *Dir
+		quarantine func(t *testing.T, dir string, m *store.Message, logs *logRecorder) *Dir
 	}{
-		{"entry quarantined", func(t *testing.T, dir string, m *Message, logs *logRecorder) *Dir {
+		{"entry quarantined", func(t *testing.T, dir string, m *store.Message, logs *logRecorder) *Dir {
 			s := openTest(t, dir, DirOptions{InlineLimit: 1, Logf: logs.logf})
 			if err := os.Truncate(filepath.Join(dir, "bodies", m.ID.String()), 1); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := s.Content(m); !errors.Is(err, ErrCorrupt) {
+			if _, err := s.Content(m); !errors.Is(err, store.ErrCorrupt) {
 				t.Fatalf("Content = %v, want ErrCorrupt", err)
 			}
 			return s
 		}},
-		{"lost move finished at open", func(t *testing.T, dir string, m *Message, logs *logRecorder) *Dir {
+		{"lost move finished at open", func(t *testing.T, dir string, m *store.Message, logs *logRecorder) *Dir {
 			// The quarantine record is committed, the move of the file
 			// was lost.
 			db, err := bolt.Open(filepath.Join(dir, "queue.db"), 0o600, nil)

@@ -1,7 +1,8 @@
-package store
+package embedded
 
 import (
 	"bytes"
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
@@ -124,7 +125,7 @@ func TestRecoveryNeverReusesIDs(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			var last ID
+			var last store.ID
 			for i := 0; i <= tc.recoveries; i++ {
 				floor := recoveryIDFloor(time.Now())
 				s := openTest(t, dir, DirOptions{})
@@ -161,7 +162,7 @@ func TestRecoveryIDFloor(t *testing.T) {
 	}
 	// Above what a counter from 1 could reach at one ID per microsecond
 	// since 1970.
-	if f := recoveryIDFloor(base); f < ID(base.UnixMicro()) {
+	if f := recoveryIDFloor(base); f < store.ID(base.UnixMicro()) {
 		t.Fatalf("floor %v below %v", f, base.UnixMicro())
 	}
 }

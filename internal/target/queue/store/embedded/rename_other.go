@@ -1,6 +1,6 @@
 //go:build !linux
 
-package store
+package embedded
 
 // RenameNoReplace links the new name and then unlinks the old one.
 func (OSFS) RenameNoReplace(oldName, newName string) error {

@@ -1,6 +1,6 @@
 //go:build !linux
 
-package store
+package embedded
 
 import bolt "go.etcd.io/bbolt"
 
