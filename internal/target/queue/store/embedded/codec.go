@@ -3,8 +3,9 @@ package embedded
 import (
 	"encoding/binary"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // A sched value is fixed-size binary: next attempt and arrival as Unix

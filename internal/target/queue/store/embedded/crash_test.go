@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"os/exec"
 	"strconv"
@@ -12,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // The crash test runs the store in a child process (this test binary,

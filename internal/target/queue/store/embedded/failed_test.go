@@ -3,13 +3,14 @@ package embedded
 import (
 	"context"
 	"errors"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // TestFailedFsyncStopsStore: after an fsync fails, every write fails at

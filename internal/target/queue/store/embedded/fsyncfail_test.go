@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 
 	"github.com/maddy-spool/spool/internal/testutils/lazyfs"
 )

@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // TestFullDiskDoesNotStopStore: a commit that fails because the disk is

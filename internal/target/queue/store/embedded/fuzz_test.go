@@ -3,13 +3,14 @@ package embedded
 import (
 	"bytes"
 	"encoding/binary"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // Fuzz tests for every decoder of on-disk state: metadata JSON, schedule

@@ -2,11 +2,12 @@ package embedded
 
 import (
 	"context"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 
 	bolt "go.etcd.io/bbolt"
 )

@@ -3,13 +3,14 @@ package embedded
 import (
 	"errors"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // movedAside lists what recovery would have moved: damaged databases and

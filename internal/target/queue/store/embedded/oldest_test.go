@@ -4,11 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"

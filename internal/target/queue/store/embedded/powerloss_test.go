@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"io"
 	"math/rand"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 
 	"github.com/maddy-spool/spool/internal/testutils/lazyfs"
 )

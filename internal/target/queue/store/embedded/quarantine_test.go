@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 
 	bolt "go.etcd.io/bbolt"
 )

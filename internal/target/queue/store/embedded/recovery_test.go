@@ -2,13 +2,14 @@ package embedded
 
 import (
 	"bytes"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
 // damageDB replaces queue.db by garbage bbolt cannot open.
