@@ -247,4 +247,3 @@ var (
 	// reopens the store from what is on disk, recovers.
 	ErrFailed = errors.New("store: stopped after a failed write; restart to recover")
 )
-

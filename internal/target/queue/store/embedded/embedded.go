@@ -200,9 +200,9 @@ type core struct {
 	messages, recipients, held atomic.Int64
 
 	mu     sync.Mutex
-	heap   dueHeap              // claimable messages by due time
+	heap   dueHeap             // claimable messages by due time
 	leases map[store.ID]*lease // current leases, expired ones included
-	token  uint64               // the last token issued
+	token  uint64              // the last token issued
 }
 
 // Wake implements store.Backend.
