@@ -497,7 +497,21 @@ func spoolImport(c *cli.Context) error {
 	defer st.Close()
 	ctx, cancel := signalContext(0)
 	defer cancel()
-	res, err := migrate.Import(ctx, c.Path("from"), st, migrate.Options{DryRun: c.Bool("dry-run")})
+	opts := migrate.Options{DryRun: c.Bool("dry-run")}
+	// Progress on a terminal only: in a file or a pipe it would be noise
+	// (the summary at the end says what happened).
+	if isTerminal(os.Stderr) {
+		meter := newProgressMeter(os.Stderr, time.Now)
+		opts.Progress = func(p migrate.Progress) {
+			phase := "importing"
+			if p.Phase == migrate.PhaseReading {
+				phase = "reading metadata"
+			}
+			meter.update(phase, p.Done, p.Total)
+		}
+		defer meter.done()
+	}
+	res, err := migrate.Import(ctx, c.Path("from"), st, opts)
 	if werr := res.Write(os.Stdout); werr != nil && err == nil {
 		err = werr
 	}
