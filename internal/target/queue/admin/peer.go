@@ -10,17 +10,19 @@ import (
 // connection; tests replace it.
 var peerLookup = peerOf
 
-// withFD runs fn on the descriptor of c.
-func withFD(c *net.UnixConn, fn func(fd int) error) error {
+// peerOf asks the kernel for the credentials of the process on the other
+// end of c (peerCred, per system): they cannot be forged by the client.
+func peerOf(c *net.UnixConn) (Peer, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return err
+		return Peer{}, err
 	}
-	var fnErr error
-	if err := raw.Control(func(fd uintptr) { fnErr = fn(int(fd)) }); err != nil {
-		return err
+	var p Peer
+	var credErr error
+	if err := raw.Control(func(fd uintptr) { p, credErr = peerCred(int(fd)) }); err != nil {
+		return Peer{}, err
 	}
-	return fnErr
+	return p, credErr
 }
 
 // logger receives what the control socket refuses.

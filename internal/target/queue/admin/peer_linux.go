@@ -1,21 +1,12 @@
 package admin
 
-import (
-	"net"
-	"syscall"
-)
+import "syscall"
 
-// peerOf reads the connecting process's credentials from the kernel
-// (SO_PEERCRED): they cannot be forged by the client.
-func peerOf(c *net.UnixConn) (Peer, error) {
-	var p Peer
-	err := withFD(c, func(fd int) error {
-		cred, err := syscall.GetsockoptUcred(fd, syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-		if err != nil {
-			return err
-		}
-		p = Peer{UID: int(cred.Uid), PID: int(cred.Pid), Known: true}
-		return nil
-	})
-	return p, err
+// peerCred reads the peer's credentials with SO_PEERCRED.
+func peerCred(fd int) (Peer, error) {
+	cred, err := syscall.GetsockoptUcred(fd, syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	if err != nil {
+		return Peer{}, err
+	}
+	return Peer{UID: int(cred.Uid), PID: int(cred.Pid), Known: true}, nil
 }

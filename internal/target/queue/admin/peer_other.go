@@ -4,12 +4,11 @@ package admin
 
 import (
 	"fmt"
-	"net"
 	"runtime"
 )
 
-// peerOf cannot ask the kernel on this system, so every connection is
+// peerCred cannot ask the kernel on this system, so every connection is
 // refused (see server.serve).
-func peerOf(*net.UnixConn) (Peer, error) {
+func peerCred(int) (Peer, error) {
 	return Peer{}, fmt.Errorf("Spool has no peer-credential call for %s", runtime.GOOS)
 }

@@ -4,29 +4,22 @@ package admin
 
 import (
 	"fmt"
-	"net"
 
 	"golang.org/x/sys/unix"
 )
 
-// peerOf reads the connecting process's credentials from the kernel with
-// the getsockopt(2) call that getpeereid(3) makes on this system (see
-// credOpt): they cannot be forged by the client.
-func peerOf(c *net.UnixConn) (Peer, error) {
-	var p Peer
-	err := withFD(c, func(fd int) error {
-		w, err := credWords(fd)
-		if err != nil {
-			return fmt.Errorf("%s: %w", credOptName, err)
+// peerCred reads the peer's credentials with the getsockopt(2) call that
+// getpeereid(3) makes on this system (credLevel, credOpt).
+func peerCred(fd int) (Peer, error) {
+	w, err := credWords(fd)
+	if err == nil {
+		var uid, pid uint32
+		uid, pid, err = credOf(w)
+		if err == nil {
+			return Peer{UID: int(uid), PID: int(pid), Known: true}, nil
 		}
-		uid, pid, err := credOf(w)
-		if err != nil {
-			return fmt.Errorf("%s: %w", credOptName, err)
-		}
-		p = Peer{UID: int(uid), PID: int(pid), Known: true}
-		return nil
-	})
-	return p, err
+	}
+	return Peer{}, fmt.Errorf("%s: %w", credOptName, err)
 }
 
 // credWords reads the credential structure as native 32-bit words.
