@@ -500,8 +500,9 @@ func spoolImport(c *cli.Context) error {
 	opts := migrate.Options{DryRun: c.Bool("dry-run")}
 	// Progress on a terminal only: in a file or a pipe it would be noise
 	// (the summary at the end says what happened).
+	var meter *progressMeter
 	if isTerminal(os.Stderr) {
-		meter := newProgressMeter(os.Stderr, time.Now)
+		meter = newProgressMeter(os.Stderr, time.Now)
 		opts.Progress = func(p migrate.Progress) {
 			phase := "importing"
 			if p.Phase == migrate.PhaseReading {
@@ -509,9 +510,12 @@ func spoolImport(c *cli.Context) error {
 			}
 			meter.update(phase, p.Done, p.Total)
 		}
-		defer meter.done()
 	}
 	res, err := migrate.Import(ctx, c.Path("from"), st, opts)
+	if meter != nil {
+		// Before the report, which may go to the same terminal.
+		meter.done()
+	}
 	if werr := res.Write(os.Stdout); werr != nil && err == nil {
 		err = werr
 	}
