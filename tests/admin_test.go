@@ -555,37 +555,39 @@ func TestSpoolAdmin(t *testing.T) {
 		}
 	})
 
-	t.Run("bulk changes need --yes", func(t *testing.T) {
+	t.Run("bulk delete and bounce need --yes", func(t *testing.T) {
 		// One message selected by a filter: no confirmation needed.
 		r := e.spoolOK("hold", "--to", "dan@y.test")
 		mustContain(t, "hold --to", r.stdout, "hold (outq): 1 matched, 1 changed")
-		// Two: refused without --yes, and nothing changes.
-		r = e.spool("hold", "--from", "@b.example")
-		if r.code == 0 || !strings.Contains(r.stderr, "would change 2 messages") || !strings.Contains(r.stderr, "--yes") {
-			t.Errorf("bulk hold without --yes: %v", r)
+		// Two, for the verbs that cannot be undone: refused without
+		// --yes, and nothing changes.
+		for _, verb := range []string{"delete", "bounce"} {
+			r = e.spool(verb, "--from", "@b.example")
+			if r.code == 0 || !strings.Contains(r.stderr, verb+" would change 2 messages") || !strings.Contains(r.stderr, "--yes") {
+				t.Errorf("bulk %s without --yes: %v", verb, r)
+			}
 		}
-		if got := idsOf(e.listJSON("--held")); strings.Join(got, ",") != id2 {
-			t.Errorf("after a refused bulk hold, held = %v, want [%s]", got, id2)
-		}
-		if r := e.spool("retry", "--all"); r.code == 0 || !strings.Contains(r.stderr, "--yes") {
-			t.Errorf("retry --all without --yes: %v", r)
+		if got := idsOf(e.listJSON("--from", "@b.example")); strings.Join(got, ",") != strings.Join(sorted(id2, id4), ",") {
+			t.Errorf("after refused bulk changes, queued from @b.example = %v, want [%s %s]", got, id2, id4)
 		}
 		if r := e.spool("retry"); r.code == 0 {
 			t.Errorf("retry without IDs or filters succeeded: %v", r)
 		}
-		r = e.spoolOK("hold", "--from", "@b.example", "--yes")
-		mustContain(t, "hold --yes", r.stdout, "hold (outq): 2 matched, 1 changed, 1 unchanged", id2+"  unchanged: already held")
+		// hold and release of several need none (see also
+		// TestBulkConfirmation).
+		r = e.spoolOK("hold", "--from", "@b.example")
+		mustContain(t, "bulk hold", r.stdout, "hold (outq): 2 matched, 1 changed, 1 unchanged", id2+"  unchanged: already held")
 		if got := idsOf(e.listJSON("--held")); strings.Join(got, ",") != strings.Join(sorted(id2, id4), ",") {
 			t.Errorf("held = %v, want [%s %s]", got, id2, id4)
 		}
 
-		r = e.spoolOK("release", "--held", "--yes", "--json")
+		r = e.spoolOK("release", "--held", "--json")
 		var res admin.Result
 		if err := strictDecode(r.stdout, &res); err != nil {
 			t.Fatalf("release --json %q: %v", r.stdout, err)
 		}
 		if res.Op != admin.OpRelease || res.Matched != 2 || res.Changed != 2 || res.Failed != 0 || len(res.Items) != 0 {
-			t.Errorf("release --held --yes = %+v", res)
+			t.Errorf("release --held = %+v", res)
 		}
 		// Both are attempted at once; wait for that to end before the
 		// next steps act on them.

@@ -109,7 +109,7 @@ func changeCommand(op admin.Op, usage string) *cli.Command {
 		ArgsUsage: "ID ... | --all | filters",
 		Flags: append(filterFlags(),
 			&cli.BoolFlag{Name: "all", Usage: "every message (with filters: every matching one)"},
-			&cli.BoolFlag{Name: "yes", Aliases: []string{"y"}, Usage: "confirm a change of more than one message selected without IDs"},
+			&cli.BoolFlag{Name: "yes", Aliases: []string{"y"}, Usage: "confirm a delete or bounce of more than one message selected without IDs (other verbs need no confirmation)"},
 			&cli.StringFlag{Name: "instance", Usage: "target.spool block name (needed with IDs when there are several)"},
 			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON"},
 			socketFlag(),
@@ -390,7 +390,7 @@ func spoolChange(c *cli.Context, op admin.Op) error {
 	ctx, cancel := signalContext(changeTimeout)
 	defer cancel()
 	instance := c.String("instance")
-	if !f.Explicit() && !c.Bool("yes") {
+	if !f.Explicit() && !c.Bool("yes") && needsConfirmation(op) {
 		n := 0
 		err := admin.Do(ctx, setup.socket, admin.Request{Op: admin.OpList, Instance: instance, Filter: f}, func(r admin.Response) error {
 			if r.Message != nil {
@@ -434,6 +434,15 @@ func spoolChange(c *cli.Context, op admin.Op) error {
 		return cli.Exit("", 1)
 	}
 	return nil
+}
+
+// needsConfirmation says whether a change of several messages selected
+// without IDs needs --yes: only when it cannot be undone. A deleted message
+// is gone and a bounce has failed its recipients and told the sender;
+// retry (a flush, like postqueue -f), hold and release lose nothing, and
+// hold is undone by release.
+func needsConfirmation(op admin.Op) bool {
+	return op == admin.OpDelete || op == admin.OpBounce
 }
 
 func changeErr(op admin.Op, setup *spoolSetup, err error) error {
@@ -488,7 +497,25 @@ func spoolImport(c *cli.Context) error {
 	defer st.Close()
 	ctx, cancel := signalContext(0)
 	defer cancel()
-	res, err := migrate.Import(ctx, c.Path("from"), st, migrate.Options{DryRun: c.Bool("dry-run")})
+	opts := migrate.Options{DryRun: c.Bool("dry-run")}
+	// Progress on a terminal only: in a file or a pipe it would be noise
+	// (the summary at the end says what happened).
+	var meter *progressMeter
+	if isTerminal(os.Stderr) {
+		meter = newProgressMeter(os.Stderr, time.Now)
+		opts.Progress = func(p migrate.Progress) {
+			phase := "importing"
+			if p.Phase == migrate.PhaseReading {
+				phase = "reading metadata"
+			}
+			meter.update(phase, p.Done, p.Total)
+		}
+	}
+	res, err := migrate.Import(ctx, c.Path("from"), st, opts)
+	if meter != nil {
+		// Before the report, which may go to the same terminal.
+		meter.done()
+	}
 	if werr := res.Write(os.Stdout); werr != nil && err == nil {
 		err = werr
 	}

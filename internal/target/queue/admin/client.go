@@ -42,11 +42,16 @@ func Do(ctx context.Context, path string, req Request, fn func(Response) error) 
 	if err != nil {
 		return err
 	}
-	if _, err := c.Write(append(b, '\n')); err != nil {
-		return fmt.Errorf("sending request: %w", err)
-	}
 	sc := bufio.NewScanner(c)
 	sc.Buffer(make([]byte, 64<<10), maxResponseLine)
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		// A server that refuses the connection answers and closes it
+		// without reading the request; its answer says why.
+		if refusal := readRefusal(sc); refusal != nil {
+			return refusal
+		}
+		return fmt.Errorf("sending request: %w", err)
+	}
 	for sc.Scan() {
 		var resp Response
 		if err := json.Unmarshal(sc.Bytes(), &resp); err != nil {
@@ -66,4 +71,17 @@ func Do(ctx context.Context, path string, req Request, fn func(Response) error) 
 		return fmt.Errorf("reading response: %w", err)
 	}
 	return errors.New("the server closed the connection before finishing its answer")
+}
+
+// readRefusal returns the error line a server sent before it closed the
+// connection, or nil.
+func readRefusal(sc *bufio.Scanner) error {
+	if !sc.Scan() {
+		return nil
+	}
+	var resp Response
+	if json.Unmarshal(sc.Bytes(), &resp) != nil || resp.Error == "" {
+		return nil
+	}
+	return errors.New(resp.Error)
 }

@@ -8,8 +8,9 @@
 // # Control socket protocol (version 1)
 //
 // The server listens on a Unix socket (default RUNTIME_DIR/spool.sock,
-// mode 0600, and only peers with the server's own user ID or root are
-// served). A client connects, sends one request as a single JSON object
+// mode 0600, and only peers that the kernel reports as the server's own
+// user or root are served; a peer it cannot identify is refused with an
+// error line before the request is read). A client connects, sends one request as a single JSON object
 // terminated by a newline, at most MaxRequestSize bytes, and reads response
 // lines until one has "done": true or "error" set; then the server closes
 // the connection.

@@ -1,9 +1,14 @@
-//go:build !linux
+//go:build !linux && !darwin && !freebsd && !dragonfly && !netbsd && !openbsd
 
 package admin
 
-import "net"
+import (
+	"fmt"
+	"runtime"
+)
 
-// peerOf cannot ask the kernel here; the socket's 0600 mode is the only
-// guard.
-func peerOf(c *net.UnixConn) (Peer, error) { return Peer{}, nil }
+// peerCred cannot ask the kernel on this system, so every connection is
+// refused (see server.serve).
+func peerCred(int) (Peer, error) {
+	return Peer{}, fmt.Errorf("Spool has no peer-credential call for %s", runtime.GOOS)
+}

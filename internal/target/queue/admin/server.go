@@ -33,15 +33,19 @@ const (
 	contentChunk  = 64 << 10
 )
 
-// Peer is who sent a request, as the kernel reports it.
+// Peer is who sent a request, as the kernel reports it. PID is 0 where
+// the system reports only the user (FreeBSD, DragonFly).
 type Peer struct {
 	UID, PID int
 	Known    bool
 }
 
 func (p Peer) String() string {
-	if !p.Known {
+	switch {
+	case !p.Known:
 		return "unknown peer"
+	case p.PID == 0:
+		return fmt.Sprintf("uid %d", p.UID)
 	}
 	return fmt.Sprintf("uid %d pid %d", p.UID, p.PID)
 }
@@ -204,12 +208,22 @@ func (w *respWriter) send(r Response) error {
 func (s *server) serve(c *net.UnixConn) {
 	bw := bufio.NewWriter(c)
 	w := &respWriter{c: c, buf: bw, enc: json.NewEncoder(bw)}
-	peer, err := peerOf(c)
+	peer, err := peerLookup(c)
+	if err == nil && !peer.Known {
+		err = errors.New("the system did not say who it is")
+	}
 	if err != nil {
-		w.send(Response{Error: "cannot identify the connecting process: " + err.Error()})
+		// Without the kernel's word on who connected, the socket's mode
+		// is the only guard left, and a socket reachable through a
+		// directory with looser permissions (or on a system that ignores
+		// socket modes) would let anyone steer the queue.
+		logger.Error("control socket: refused a connection from an unidentified process", err, "socket", s.path)
+		w.send(Response{Error: "refused: cannot identify the connecting process: " + err.Error() +
+			"; the control socket serves only processes whose user the system reports (see docs/reference/spool-admin.md)"})
 		return
 	}
-	if peer.Known && peer.UID != 0 && peer.UID != os.Geteuid() {
+	if peer.UID != 0 && peer.UID != os.Geteuid() {
+		logger.Msg("control socket: refused a connection from another user", "socket", s.path, "peer", peer.String())
 		w.send(Response{Error: fmt.Sprintf("permission denied: uid %d is neither the server's user nor root", peer.UID)})
 		return
 	}

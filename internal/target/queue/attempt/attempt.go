@@ -128,7 +128,10 @@ func (c collector) SetStatus(rcpt string, err error) {
 const maxErrorText = 1000
 
 // Status converts an attempt error into what the queue stores and reports.
-// Errors without an SMTP code get 451 4.0.0 (temporary) or 554 5.0.0.
+// Errors without an SMTP code get 451 4.0.0 (temporary) or 554 5.0.0. The
+// message says what happened: maddy's generic text ("Network I/O error")
+// is followed by the error under it when that is not the remote server's
+// reply (see causeOf). It is at most maxErrorText bytes.
 func Status(err error) store.SMTPStatus {
 	st := store.SMTPStatus{Temporary: exterrors.IsTemporaryOrUnspec(err)}
 	var se *exterrors.SMTPError
@@ -137,7 +140,7 @@ func Status(err error) store.SMTPStatus {
 	case errors.As(err, &se):
 		st.Code = se.Code
 		st.Enhanced = [3]int(se.EnhancedCode)
-		st.Message = se.Message
+		st.Message = withCause(se.Message, causeOf(se))
 		if host, ok := se.Misc["remote_server"].(string); ok {
 			st.RemoteMTA = host
 		}
@@ -168,6 +171,34 @@ func Status(err error) store.SMTPStatus {
 	st.Message = CleanText(st.Message, maxErrorText)
 	st.RemoteMTA = CleanText(st.RemoteMTA, 255)
 	return st
+}
+
+// causeOf returns the text of what made maddy return se, when maddy keeps
+// it apart from the generic Message: its Reason, else its wrapped error
+// (for a refused connection, Message is "Network I/O error" and Err says
+// "dial tcp 192.0.2.1:25: connect: connection refused"). A wrapped reply
+// of the remote server gives nothing: that reply is the Message already.
+func causeOf(se *exterrors.SMTPError) string {
+	if se.Reason != "" {
+		return se.Reason
+	}
+	var reply *smtp.SMTPError
+	if se.Err == nil || errors.As(se.Err, &reply) {
+		return ""
+	}
+	return se.Err.Error()
+}
+
+// withCause appends cause to msg when it adds something.
+func withCause(msg, cause string) string {
+	cause = strings.TrimSpace(cause)
+	switch {
+	case cause == "" || strings.Contains(strings.ToLower(msg), strings.ToLower(cause)):
+		return msg
+	case strings.TrimSpace(msg) == "":
+		return cause
+	}
+	return msg + ": " + cause
 }
 
 // CleanText makes remote-controlled text safe to store and show: control

@@ -88,7 +88,26 @@ type Options struct {
 	// DryRun reads and checks every entry and reports what would be done,
 	// without changing the source directory or the store.
 	DryRun bool
+	// Progress, if set, is called after every entry read and every entry
+	// handled; see Progress.
+	Progress func(Progress)
 }
+
+// Progress is how far an import is: Done of the Total entries of its
+// current phase. An import first reads the metadata of every entry
+// (PhaseReading: Total is the number of metadata files), then handles the
+// readable ones (PhaseImporting: Total counts them, interrupted imports
+// included).
+type Progress struct {
+	Phase       string
+	Done, Total int
+}
+
+// The phases of an import.
+const (
+	PhaseReading   = "reading"
+	PhaseImporting = "importing"
+)
 
 // Imported is one maddy entry now in the store.
 type Imported struct {
@@ -130,6 +149,8 @@ type Result struct {
 	Stray []string
 	// DryRun is set when nothing was changed.
 	DryRun bool
+	// Elapsed is how long the import took, by Options.Now.
+	Elapsed time.Duration
 }
 
 // Import moves every message queued by maddy's target.queue in fromDir into
@@ -140,7 +161,7 @@ type Result struct {
 //
 // Import is safe to run again, after a crash or an error at any point (see
 // the package documentation); maddy must not be running on fromDir.
-func Import(ctx context.Context, fromDir string, dst store.Store, opts Options) (Result, error) {
+func Import(ctx context.Context, fromDir string, dst store.Store, opts Options) (res Result, err error) {
 	im := &importer{dir: fromDir, dst: dst, opts: opts, res: Result{DryRun: opts.DryRun}}
 	if im.opts.Now == nil {
 		im.opts.Now = time.Now
@@ -148,10 +169,17 @@ func Import(ctx context.Context, fromDir string, dst store.Store, opts Options) 
 	if im.opts.Logf == nil {
 		im.opts.Logf = func(string, ...interface{}) {}
 	}
+	if im.opts.Progress == nil {
+		im.opts.Progress = func(Progress) {}
+	}
+	start := im.opts.Now()
+	defer func() { res.Elapsed = im.opts.Now().Sub(start) }()
 	fresh, markers, err := im.scan()
 	if err != nil {
 		return im.res, err
 	}
+	total := len(markers) + len(fresh)
+	done := 0
 	// Half-done entries first, so a re-run finishes what it started before
 	// taking on more.
 	for _, name := range markers {
@@ -161,12 +189,16 @@ func Import(ctx context.Context, fromDir string, dst store.Store, opts Options) 
 		if err := im.resume(ctx, name); err != nil {
 			return im.res, err
 		}
+		done++
+		im.opts.Progress(Progress{PhaseImporting, done, total})
 	}
 	for _, e := range fresh {
 		if err := ctx.Err(); err != nil {
 			return im.res, err
 		}
 		im.importFresh(ctx, e)
+		done++
+		im.opts.Progress(Progress{PhaseImporting, done, total})
 	}
 	return im.res, nil
 }
@@ -211,10 +243,15 @@ func (im *importer) scan() ([]entry, []string, error) {
 	var fresh []entry
 	var markers []string
 	var names []string
+	toRead := 0 // metadata files without a marker: read below
 	for f := range files {
 		names = append(names, f)
+		if name, ok := strings.CutSuffix(f, suffixMeta); ok && !files[name+suffixMarker] {
+			toRead++
+		}
 	}
 	slices.Sort(names)
+	read := 0
 	for _, f := range names {
 		switch {
 		case strings.HasSuffix(f, suffixMarker):
@@ -232,6 +269,8 @@ func (im *importer) scan() ([]entry, []string, error) {
 				continue // reported with the marker
 			}
 			e, err := im.read(name, name+suffixMeta)
+			read++
+			im.opts.Progress(Progress{PhaseReading, read, toRead})
 			if err != nil {
 				im.fail(name, err)
 				continue
@@ -474,8 +513,17 @@ func (im *importer) fail(name string, err error) {
 // syncDir makes renames and removals in dir durable.
 func syncDir(dir string) error { return store.OSFS{}.SyncDir(dir) }
 
+// roundDuration shortens d for people: milliseconds below a second,
+// tenths of a second above.
+func roundDuration(d time.Duration) time.Duration {
+	if d < time.Second {
+		return d.Round(time.Millisecond)
+	}
+	return d.Round(100 * time.Millisecond)
+}
+
 // Write prints the result for an operator: one line per entry, then a
-// summary line.
+// summary line with the time the import took.
 func (r *Result) Write(w io.Writer) error {
 	var b strings.Builder
 	verb := "imported"
@@ -505,8 +553,8 @@ func (r *Result) Write(w io.Writer) error {
 	for _, s := range r.Stray {
 		fmt.Fprintf(&b, "stray file %s: belongs to no queue entry, left alone\n", s)
 	}
-	fmt.Fprintf(&b, "%d %s, %d skipped, %d not imported, %d stray file(s)\n",
-		len(r.Imported), verb, len(r.Skipped), len(r.Failed), len(r.Stray))
+	fmt.Fprintf(&b, "%d %s, %d skipped, %d not imported, %d stray file(s) in %v\n",
+		len(r.Imported), verb, len(r.Skipped), len(r.Failed), len(r.Stray), roundDuration(r.Elapsed))
 	_, err := io.WriteString(w, b.String())
 	return err
 }
