@@ -18,6 +18,7 @@ import (
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
 	"github.com/maddy-spool/spool/internal/target/queue/migrate"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // changeTimeout bounds a change command; the server itself waits at most
@@ -226,7 +227,7 @@ func readOnline(c *cli.Context, setup *spoolSetup, req admin.Request, fn func(ad
 
 // withOffline opens each selected queue directory read-only, for reads
 // while the server is down.
-func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st store.Store) error) error {
+func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st admin.Reader) error) error {
 	insts, err := setup.pick(c)
 	if err != nil {
 		return err
@@ -238,7 +239,7 @@ func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st stor
 		if _, err := os.Stat(inst.location); err != nil {
 			return fmt.Errorf("instance %s: %w", inst.name, err)
 		}
-		st, err := store.OpenDir(inst.location, store.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
+		st, err := embedded.OpenDir(inst.location, embedded.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
 		if err != nil {
 			// A running server holds the lock; it is then reachable only
 			// on another socket, or not at all (admin_socket off).
@@ -271,8 +272,8 @@ func spoolList(c *cli.Context) error {
 		return out.message(*r.Message)
 	})
 	if !ok && err == nil {
-		err = withOffline(c, setup, func(name string, st store.Store) error {
-			return admin.List(st, name, f, time.Now(), nil, out.message)
+		err = withOffline(c, setup, func(name string, st admin.Reader) error {
+			return admin.List(st, name, f, time.Now(), out.message)
 		})
 	}
 	if err != nil {
@@ -326,11 +327,11 @@ func spoolShow(c *cli.Context) error {
 		return err
 	}
 	found := false
-	err = withOffline(c, setup, func(name string, st store.Store) error {
+	err = withOffline(c, setup, func(name string, st admin.Reader) error {
 		if found {
 			return nil
 		}
-		err := admin.Show(st, name, id, req.Headers, req.Body, nil, onResp)
+		err := admin.Show(st, name, id, req.Headers, req.Body, onResp)
 		if errors.Is(err, store.ErrNotFound) {
 			return nil
 		}
@@ -363,8 +364,8 @@ func spoolStats(c *cli.Context) error {
 	if ok || err != nil {
 		return err
 	}
-	return withOffline(c, setup, func(name string, st store.Store) error {
-		s, err := admin.ComputeStats(st, name, time.Now(), nil)
+	return withOffline(c, setup, func(name string, st admin.Reader) error {
+		s, err := admin.ComputeStats(st, name, time.Now())
 		if err != nil {
 			return err
 		}
@@ -490,7 +491,7 @@ func spoolImport(c *cli.Context) error {
 		defer os.RemoveAll(tmp)
 		dir, dryRun = tmp, false
 	}
-	st, err := store.OpenDir(dir, store.DirOptions{LockTimeout: 2 * time.Second, ReadOnly: dryRun})
+	st, err := embedded.OpenDir(dir, embedded.DirOptions{LockTimeout: 2 * time.Second, ReadOnly: dryRun})
 	if err != nil {
 		return fmt.Errorf("opening %s: %w (stop maddy before importing)", dir, err)
 	}

@@ -12,8 +12,10 @@ import (
 	"github.com/foxcpp/maddy/framework/log"
 	"github.com/foxcpp/maddy/framework/module"
 
+	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 	"github.com/maddy-spool/spool/internal/testutils"
 )
 
@@ -32,10 +34,10 @@ type harness struct {
 
 	// wrapStore, if set, wraps the store the next open runs on;
 	// noWaitLoad makes open return before the stored schedule is loaded.
-	wrapStore  func(store.Store) store.Store
+	wrapStore  func(store.Backend) store.Backend
 	noWaitLoad bool
-	// dirOpts, if set, adjusts the options the store is opened with.
-	dirOpts func(*store.DirOptions)
+	// storeOpts, if set, adjusts the options the store is opened with.
+	storeOpts func(*embedded.Options)
 
 	done chan store.ID
 }
@@ -53,6 +55,7 @@ func testSettings() settings {
 		dsnDisplayName:  "Mail Delivery System",
 		shutdownTimeout: 5 * time.Second,
 		successAction:   "relayed",
+		store:           storeSettings{node: "test-node", lease: defaultLease},
 	}
 }
 
@@ -92,15 +95,15 @@ func (h *harness) open() {
 	// Entries are checked often in real time; whether they expired is
 	// decided on the fake clock.
 	q.receivingCheckEvery = time.Millisecond
-	opts := store.DirOptions{OnQuarantine: q.onQuarantine, OnFailed: q.onStoreFailed, Logf: q.Log.Printf}
-	if h.dirOpts != nil {
-		h.dirOpts(&opts)
+	opts := q.embeddedOptions()
+	if h.storeOpts != nil {
+		h.storeOpts(&opts)
 	}
-	st, err := store.OpenDir(h.dir, opts)
+	st, err := embedded.Open(h.dir, opts)
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	var s store.Store = st
+	var s store.Backend = st
 	if h.wrapStore != nil {
 		s = h.wrapStore(st)
 	}
@@ -205,7 +208,7 @@ func (h *harness) advance(d time.Duration) {
 func (h *harness) queued() []*store.Message {
 	h.t.Helper()
 	var out []*store.Message
-	if err := h.q.store.Walk(func(m *store.Message) error { out = append(out, m); return nil }); err != nil {
+	if err := h.q.store.Walk(context.Background(), func(m *store.Message) error { out = append(out, m); return nil }); err != nil {
 		h.t.Fatal(err)
 	}
 	return out
@@ -213,10 +216,30 @@ func (h *harness) queued() []*store.Message {
 
 func (h *harness) assertGauges(messages, recipients int64) {
 	h.t.Helper()
-	g := h.q.Gauges()
-	if g.Messages != messages || g.Recipients != recipients {
-		h.t.Fatalf("gauges: %d messages, %d recipients; want %d, %d", g.Messages, g.Recipients, messages, recipients)
+	g := h.q.Gauges().Queue
+	if g == nil || g.Messages != messages || g.Recipients != recipients {
+		h.t.Fatalf("gauges: %+v; want %d messages, %d recipients", g, messages, recipients)
 	}
+}
+
+// figures returns the queue figures the gauges show.
+func (h *harness) figures() metrics.QueueFigures {
+	h.t.Helper()
+	g := h.q.Gauges().Queue
+	if g == nil {
+		h.t.Fatal("the queue reports no figures")
+	}
+	return *g
+}
+
+// get reads one message from the store.
+func (h *harness) get(id store.ID) *store.Message {
+	h.t.Helper()
+	m, err := h.q.store.Get(context.Background(), id)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return m
 }
 
 // reports returns the DSNs the bounce pipeline received.

@@ -36,7 +36,6 @@ func (q *fakeQueue) Apply(ctx context.Context, op Op, f Filter) (Result, error) 
 	}
 	return res, err
 }
-func (q *fakeQueue) InFlight(store.ID) bool { return false }
 func (q *fakeQueue) Now() time.Time         { return t0 }
 
 func newFakeQueue(t *testing.T, msgs ...*store.Message) *fakeQueue {

@@ -125,14 +125,15 @@ func InitSeries(module string) {
 
 // Gauges are a queue's current figures, read at scrape time.
 type Gauges struct {
-	Messages   int64
-	Recipients int64
-	Held       int64
-	// Oldest is the arrival of the oldest queued message (zero if none).
-	Oldest time.Time
-	Now    time.Time
+	// Queue has the figures of the whole queue. A node of a shared queue
+	// leaves it nil unless it is the one node reporting them, so that a
+	// sum over nodes counts each message once.
+	Queue *QueueFigures
+	// InFlight is the number of attempts in flight on this node.
+	InFlight int64
+	Now      time.Time
 	// FreeBytes is the space available under the queue location; HaveFree
-	// is false when it could not be read.
+	// is false when it could not be read (or the store is not local).
 	FreeBytes uint64
 	HaveFree  bool
 	// MinFree is the configured refusal margin (0: disabled).
@@ -140,6 +141,15 @@ type Gauges struct {
 	// StoreFailed is set once the store stopped after a failed write
 	// whose durability is unknown; only a restart clears it.
 	StoreFailed bool
+}
+
+// QueueFigures are the figures of a whole queue.
+type QueueFigures struct {
+	Messages   int64
+	Recipients int64
+	Held       int64
+	// Oldest is the arrival of the oldest queued message (zero if none).
+	Oldest time.Time
 }
 
 // Source reports a queue's gauges.
@@ -156,6 +166,8 @@ var (
 		"Messages held by an operator.", []string{"module"}, nil)
 	oldestDesc = prometheus.NewDesc("maddy_spool_oldest_message_age_seconds",
 		"Age of the oldest queued message (0 when the queue is empty).", []string{"module"}, nil)
+	inFlightDesc = prometheus.NewDesc("maddy_spool_attempts_in_flight",
+		"Delivery attempts running on this node.", []string{"module"}, nil)
 	freeDesc = prometheus.NewDesc("maddy_spool_disk_free_bytes",
 		"Bytes available to the server on the filesystem holding the queue.", []string{"module"}, nil)
 	minFreeDesc = prometheus.NewDesc("maddy_spool_min_free_space_bytes",
@@ -179,6 +191,7 @@ func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- recipientsDesc
 	ch <- heldDesc
 	ch <- oldestDesc
+	ch <- inFlightDesc
 	ch <- freeDesc
 	ch <- minFreeDesc
 	ch <- storeFailedDesc
@@ -193,14 +206,17 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 	c.mu.Unlock()
 	for name, src := range srcs {
 		g := src.Gauges()
-		age := 0.0
-		if !g.Oldest.IsZero() {
-			age = g.Now.Sub(g.Oldest).Seconds()
+		if q := g.Queue; q != nil {
+			age := 0.0
+			if !q.Oldest.IsZero() {
+				age = g.Now.Sub(q.Oldest).Seconds()
+			}
+			ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.GaugeValue, float64(q.Messages), name)
+			ch <- prometheus.MustNewConstMetric(recipientsDesc, prometheus.GaugeValue, float64(q.Recipients), name)
+			ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(q.Held), name)
+			ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
 		}
-		ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.GaugeValue, float64(g.Messages), name)
-		ch <- prometheus.MustNewConstMetric(recipientsDesc, prometheus.GaugeValue, float64(g.Recipients), name)
-		ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(g.Held), name)
-		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
+		ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(g.InFlight), name)
 		if g.HaveFree {
 			ch <- prometheus.MustNewConstMetric(freeDesc, prometheus.GaugeValue, float64(g.FreeBytes), name)
 		}

@@ -66,6 +66,7 @@ import (
 	"time"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // File name suffixes of maddy's target.queue, and of the import marker.
@@ -153,6 +154,59 @@ type Result struct {
 	Elapsed time.Duration
 }
 
+// Destination is the store messages are imported into: an embedded
+// store's Dir opened while maddy is stopped, or any store.Backend through
+// BackendDestination.
+type Destination interface {
+	// Create stores a new message durably; it is not attempted while
+	// held.
+	Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) error
+	// Update replaces the metadata of a stored message.
+	Update(ctx context.Context, m *store.Message) error
+	// Walk calls fn for every stored message.
+	Walk(fn func(*store.Message) error) error
+}
+
+var _ Destination = (*embedded.Dir)(nil)
+
+// BackendDestination imports into a store.Backend, such as a PostgreSQL
+// store that nodes may be running on: each message is stored held and
+// committed at once, and released (Update) under a lease of its own, so
+// no node attempts it before its maddy files are gone.
+func BackendDestination(b store.Backend) Destination { return backendDestination{b} }
+
+type backendDestination struct{ b store.Backend }
+
+func (d backendDestination) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) error {
+	l, err := d.b.Create(ctx, m, header, body, bodyLen)
+	if err != nil {
+		return err
+	}
+	if _, err := d.b.Commit(ctx, l); err != nil {
+		// Stored, not yet committed: the receiving lease expires and the
+		// message is queued as it is (held); the next run finds it.
+		return err
+	}
+	return nil
+}
+
+func (d backendDestination) Update(ctx context.Context, m *store.Message) error {
+	c, err := d.b.ClaimID(ctx, m.ID)
+	if err != nil {
+		return err
+	}
+	req, err := d.b.Save(ctx, c.Lease, m)
+	if err == nil && req != 0 {
+		// An operator acted meanwhile; the import does not apply it.
+		_, err = d.b.Release(ctx, c.Lease)
+	}
+	return err
+}
+
+func (d backendDestination) Walk(fn func(*store.Message) error) error {
+	return d.b.Walk(context.Background(), fn)
+}
+
 // Import moves every message queued by maddy's target.queue in fromDir into
 // dst. It processes entries one by one and keeps going past entries it
 // cannot import; those are listed in Result.Failed. The returned error is
@@ -161,7 +215,7 @@ type Result struct {
 //
 // Import is safe to run again, after a crash or an error at any point (see
 // the package documentation); maddy must not be running on fromDir.
-func Import(ctx context.Context, fromDir string, dst store.Store, opts Options) (res Result, err error) {
+func Import(ctx context.Context, fromDir string, dst Destination, opts Options) (res Result, err error) {
 	im := &importer{dir: fromDir, dst: dst, opts: opts, res: Result{DryRun: opts.DryRun}}
 	if im.opts.Now == nil {
 		im.opts.Now = time.Now
@@ -205,7 +259,7 @@ func Import(ctx context.Context, fromDir string, dst store.Store, opts Options) 
 
 type importer struct {
 	dir  string
-	dst  store.Store
+	dst  Destination
 	opts Options
 	res  Result
 	// byMsgID indexes the store's messages by maddy ID, built on the first
@@ -511,7 +565,7 @@ func (im *importer) fail(name string, err error) {
 }
 
 // syncDir makes renames and removals in dir durable.
-func syncDir(dir string) error { return store.OSFS{}.SyncDir(dir) }
+func syncDir(dir string) error { return embedded.OSFS{}.SyncDir(dir) }
 
 // roundDuration shortens d for people: milliseconds below a second,
 // tenths of a second above.

@@ -59,11 +59,12 @@ func (c *core) leaseInfo(id store.ID) *store.LeaseInfo {
 	return &store.LeaseInfo{Owner: l.owner, Expiry: l.expiry, Receiving: l.receiving, Request: l.request}
 }
 
-// requeueExpired puts the messages of expired leases back in the due
-// heap; c.mu is held.
-func (c *core) requeueExpired(now time.Time) {
+// requeueExpired puts the messages of expired leases of other nodes than
+// node back in the due heap; c.mu is held. A node does not take over its
+// own leases: it renews them while it works, and ends them itself.
+func (c *core) requeueExpired(now time.Time, node string) {
 	for id, l := range c.leases {
-		if !l.inHeap && !l.valid(now) && !l.sched.Held {
+		if !l.inHeap && l.owner != node && !l.valid(now) && !l.sched.Held {
 			l.inHeap = true
 			c.heap.push(id, l.expiry)
 		}
@@ -77,7 +78,7 @@ func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
 	}
 	s.mu.Lock()
 	now := s.now()
-	s.requeueExpired(now)
+	s.requeueExpired(now, s.node)
 	var taken []store.ID
 	var leases []*store.Lease
 	for len(taken) < max && s.heap.Len() > 0 && !s.heap.top().due.After(now) {
@@ -328,7 +329,8 @@ func (s *Store) Request(ctx context.Context, id store.ID, r store.Request) error
 }
 
 // NextDue implements store.Backend: the earliest due time in the heap, or
-// the earliest expiry of a lease that would put its message back there.
+// the earliest expiry of another node's lease that would put its message
+// back there.
 func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -338,7 +340,7 @@ func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 		due, ok = s.heap.top().due, true
 	}
 	for _, l := range s.leases {
-		if !l.inHeap && !l.writing && !l.sched.Held && (!ok || l.expiry.Before(due)) {
+		if !l.inHeap && l.owner != s.node && !l.writing && !l.sched.Held && (!ok || l.expiry.Before(due)) {
 			due, ok = l.expiry, true
 		}
 	}

@@ -16,6 +16,12 @@ import (
 
 // Create implements Store.
 func (d *Dir) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) error {
+	return d.create(ctx, m, header, body, bodyLen, nil)
+}
+
+// create is Create; allocated, if set, is told the new message's ID before
+// anything of it is written.
+func (d *Dir) create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64, allocated func(store.ID)) error {
 	if d.readOnly {
 		return errors.New("store: opened read-only")
 	}
@@ -24,6 +30,9 @@ func (d *Dir) Create(ctx context.Context, m *store.Message, header []byte, body 
 	}
 	id := store.ID(d.nextID.Add(1))
 	m.ID = id
+	if allocated != nil {
+		allocated(id)
+	}
 	m.HeaderLen = int64(len(header))
 
 	o := &op{kind: opCreate, id: id}

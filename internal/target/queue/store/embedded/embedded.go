@@ -24,6 +24,10 @@ type Options struct {
 	// Now is the clock leases and due times are read from (default
 	// time.Now).
 	Now func() time.Time
+
+	// beforeLoad, if set, runs before the start-up load reads the
+	// schedule (tests).
+	beforeLoad func()
 }
 
 // Default lease times.
@@ -89,8 +93,15 @@ func Open(path string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	c.dir = d
+	// Taken before anything can be stored: the load covers exactly the
+	// messages stored before this Open.
 	upTo := d.LastID()
-	go c.load(upTo)
+	go func() {
+		if opts.beforeLoad != nil {
+			opts.beforeLoad()
+		}
+		c.load(upTo)
+	}()
 	node := opts.Node
 	if node == "" {
 		node = "local"
@@ -126,15 +137,29 @@ func (s *Store) Close() error {
 func (s *Store) Failed() error { return s.dir.Failed() }
 
 // Create implements store.Backend.
+// The receiving lease is taken as soon as the ID is allocated, before the
+// message is written: once it is on disk, nobody else can take it.
 func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) (*store.Lease, error) {
-	if err := s.dir.Create(ctx, m, header, body, bodyLen); err != nil {
+	var pub *store.Lease
+	err := s.dir.create(ctx, m, header, body, bodyLen, func(id store.ID) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		l := s.newLease(id, s.node, s.receiveLease)
+		l.receiving, l.sched = true, schedOf(m)
+		pub = l.public(id)
+	})
+	if err != nil {
+		if pub != nil {
+			s.dropLease(pub.ID, pub.Token)
+		}
 		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	l := s.newLease(m.ID, s.node, s.receiveLease)
-	l.receiving, l.sched = true, schedOf(m)
-	return l.public(m.ID), nil
+	if l := s.leases[m.ID]; l != nil && l.token == pub.Token {
+		l.sched = schedOf(m) // with the stored lengths
+	}
+	return pub, nil
 }
 
 // Get implements store.Backend.
