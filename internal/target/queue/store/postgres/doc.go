@@ -1,0 +1,2 @@
+// Package postgres is a store.Backend kept in a PostgreSQL database.
+package postgres
