@@ -76,8 +76,8 @@ type Store struct {
 	wg     sync.WaitGroup // background goroutines
 	// committersDone is the committers' own group: they stop first.
 	committersDone sync.WaitGroup
-	wake   chan struct{}
-	ops    chan *op
+	wake           chan struct{}
+	ops            chan *op
 
 	closeMu   sync.RWMutex
 	closed    bool

@@ -169,8 +169,8 @@ func (s *Store) Content(ctx context.Context, m *store.Message) (store.Content, e
 type inlineBody []byte
 
 func (b inlineBody) Open() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
-func (b inlineBody) Len() int                      { return len(b) }
-func (inlineBody) Remove() error                   { return nil }
+func (b inlineBody) Len() int                     { return len(b) }
+func (inlineBody) Remove() error                  { return nil }
 
 // chunkedBody is a body kept in spool_chunks.
 type chunkedBody struct {
