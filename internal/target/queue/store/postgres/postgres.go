@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -78,6 +79,7 @@ type Store struct {
 	committersDone sync.WaitGroup
 	wake           chan struct{}
 	ops            chan *op
+	batches        atomic.Int64 // batches sent, for tests
 
 	closeMu   sync.RWMutex
 	closed    bool

@@ -126,6 +126,7 @@ func (s *Store) execBatch(ops []*op) error {
 		o.err, o.wake = nil, false
 		o.queue(b, o)
 	}
+	s.batches.Add(1)
 	ctx, cancel := context.WithTimeout(s.ctx, writeTimeout)
 	defer cancel()
 	if err := s.pool.SendBatch(ctx, b).Close(); err != nil {
