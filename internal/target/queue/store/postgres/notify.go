@@ -63,8 +63,8 @@ func (s *Store) listen(first chan struct{}) {
 		}
 		backoff = minBackoff
 		s.signalWake() // notifications sent while not listening are lost
-		if s.onListen != nil {
-			s.onListen()
+		if s.opts.onListen != nil {
+			s.opts.onListen()
 		}
 		signalFirst()
 		err = s.waitNotifications(conn)

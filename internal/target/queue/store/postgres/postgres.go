@@ -59,6 +59,10 @@ type Options struct {
 	// PollInterval is how often Wake fires without a notification
 	// (default 2s).
 	PollInterval time.Duration
+
+	// onListen, if set (by tests), is called each time the listener has
+	// (re)started listening.
+	onListen func()
 }
 
 // Store is one node's handle on a PostgreSQL spool. It implements
@@ -85,10 +89,6 @@ type Store struct {
 	closed    bool
 	closeOnce sync.Once
 	closeErr  error
-
-	// onListen, if set (by tests), is called each time the listener has
-	// (re)started listening.
-	onListen func()
 }
 
 var _ store.Backend = (*Store)(nil)
