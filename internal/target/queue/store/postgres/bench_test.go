@@ -1,0 +1,146 @@
+package postgres
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
+)
+
+// benchStore opens a handle on a fresh database of the shared cluster
+// (fsync on), reading the real clock.
+func benchStore(b *testing.B) *Store {
+	b.Helper()
+	s, err := Open(ctx, Options{DSN: pgtest.Database(b), Node: "bench", Logf: b.Logf})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	return s
+}
+
+func benchMessage() *store.Message {
+	now := time.Now()
+	return &store.Message{MsgID: "m", From: "s@example.org", Arrival: now, NextAttempt: now,
+		Rcpts: []store.Rcpt{{Addr: "r1@example.org"}, {Addr: "r2@example.org"}}}
+}
+
+// parallel runs b.N calls of fn on exactly n goroutines and reports the
+// rate.
+func parallel(b *testing.B, n int, fn func() error) {
+	var (
+		next atomic.Int64
+		wg   sync.WaitGroup
+		fail atomic.Value
+	)
+	b.ResetTimer()
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(b.N) {
+				if err := fn(); err != nil {
+					fail.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	if err := fail.Load(); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
+}
+
+var body4k = bytes.Repeat([]byte("0123456789abcde\n"), 256)
+
+// BenchmarkCreate stores 4 KiB messages from concurrent senders: Create
+// alone (durable when it returns), and Create then Commit (queued).
+func BenchmarkCreate(b *testing.B) {
+	for _, commit := range []bool{false, true} {
+		for _, senders := range []int{1, 16, 64} {
+			name := fmt.Sprintf("senders=%d", senders)
+			if commit {
+				name += "/commit"
+			}
+			b.Run(name, func(b *testing.B) {
+				s := benchStore(b)
+				parallel(b, senders, func() error {
+					l, err := s.Create(ctx, benchMessage(), []byte(hdr), bytes.NewReader(body4k), int64(len(body4k)))
+					if err == nil && commit {
+						_, err = s.Commit(ctx, l)
+					}
+					return err
+				})
+			})
+		}
+	}
+}
+
+// BenchmarkClaimSave claims messages ten at a time on 16 workers and
+// saves each (concurrently, as deliveries end) due again at once, so the
+// same queue of 2000 messages goes round.
+func BenchmarkClaimSave(b *testing.B) {
+	s := benchStore(b)
+	var wg sync.WaitGroup
+	for i := 0; i < 2000; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l, err := s.Create(ctx, benchMessage(), []byte(hdr), bytes.NewReader(body4k), int64(len(body4k)))
+			if err == nil {
+				_, err = s.Commit(ctx, l)
+			}
+			if err != nil {
+				b.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	const workers, batch = 16, 10
+	var (
+		next atomic.Int64
+		fail atomic.Value
+	)
+	b.ResetTimer()
+	for i := 0; i < workers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Load() < int64(b.N) {
+				cs, err := s.Claim(ctx, batch)
+				if err != nil {
+					fail.Store(err)
+					return
+				}
+				var saves sync.WaitGroup
+				for _, c := range cs {
+					saves.Add(1)
+					go func() {
+						defer saves.Done()
+						c.Message.Attempts++
+						c.Message.NextAttempt = time.Now()
+						if _, err := s.Save(ctx, c.Lease, c.Message); err != nil {
+							fail.Store(err)
+						}
+					}()
+				}
+				saves.Wait()
+				next.Add(int64(len(cs)))
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	if err := fail.Load(); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(next.Load())/b.Elapsed().Seconds(), "msgs/s")
+}
