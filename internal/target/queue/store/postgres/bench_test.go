@@ -144,3 +144,34 @@ func BenchmarkClaimSave(b *testing.B) {
 	}
 	b.ReportMetric(float64(next.Load())/b.Elapsed().Seconds(), "msgs/s")
 }
+
+// BenchmarkStats measures Stats over a queue of 100 000 messages of 4 KiB
+// (copies of one, made by SQL).
+func BenchmarkStats(b *testing.B) {
+	s := benchStore(b)
+	l, err := s.Create(ctx, benchMessage(), []byte(hdr), bytes.NewReader(body4k), int64(len(body4k)))
+	if err == nil {
+		_, err = s.Commit(ctx, l)
+	}
+	if err == nil {
+		_, err = s.pool.Exec(ctx, `
+			INSERT INTO spool_messages (meta, arrival, next_attempt, claimable_at, held, pending, receiving,
+				lease_token, header, body, body_len)
+			SELECT meta, arrival, next_attempt, claimable_at, held, pending, receiving, lease_token, header, body, body_len
+			FROM spool_messages, generate_series(2, 100000)
+			WHERE id = $1`, int64(l.ID))
+	}
+	if err == nil {
+		_, err = s.pool.Exec(ctx, "VACUUM ANALYZE spool_messages")
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		st, err := s.Stats(ctx)
+		if err != nil || st.Messages != 100000 {
+			b.Fatal(st, err)
+		}
+	}
+}
