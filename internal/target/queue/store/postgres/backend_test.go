@@ -146,6 +146,9 @@ func TestNodeNames(t *testing.T) {
 	if n := h.queryInt(t, "SELECT count(*) FROM spool_nodes WHERE name = 'mx1'"); n != 0 {
 		t.Fatal("Close left the node registered")
 	}
+	if _, err := a.Claim(ctx, 1); !errors.Is(err, store.ErrClosed) {
+		t.Fatalf("Claim after Close = %v, want ErrClosed", err)
+	}
 	b := h.openNode(t, "mx2")
 	if cs, err := b.Claim(ctx, 10); err != nil || len(cs) != 0 {
 		t.Fatalf("Claim on another node after Close = %v, %v; want none (still leased)", cs, err)

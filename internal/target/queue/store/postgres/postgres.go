@@ -85,8 +85,9 @@ type Store struct {
 	ops            chan *op
 	batches        atomic.Int64 // batches sent, for tests
 
-	closeMu   sync.RWMutex
+	closeMu   sync.Mutex
 	closed    bool
+	calls     sync.WaitGroup // calls in progress
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -377,21 +378,25 @@ func (s *Store) stop() {
 	s.closeMu.Lock()
 	s.closed = true
 	s.closeMu.Unlock()
-	close(s.ops)
+	s.calls.Wait()
+	close(s.ops) // nobody sends any more: only calls do
 	s.committersDone.Wait()
 	s.cancel()
 	s.wg.Wait()
 	s.forget()
 }
 
-// enter registers a call in progress; it fails after Close.
+// enter registers a call in progress; it fails after Close. A call made
+// from within another (a Walk callback) works until Close begins, and
+// then fails rather than waits.
 func (s *Store) enter() error {
-	s.closeMu.RLock()
+	s.closeMu.Lock()
+	defer s.closeMu.Unlock()
 	if s.closed {
-		s.closeMu.RUnlock()
 		return store.ErrClosed
 	}
+	s.calls.Add(1)
 	return nil
 }
 
-func (s *Store) leave() { s.closeMu.RUnlock() }
+func (s *Store) leave() { s.calls.Done() }

@@ -36,7 +36,8 @@ var migrations = []string{
 		header       bytea NOT NULL,
 		body         bytea,
 		body_len     bigint NOT NULL,
-		CHECK ((lease_owner IS NULL) = (lease_expiry IS NULL))
+		CHECK ((lease_owner IS NULL) = (lease_expiry IS NULL)),
+		CHECK (lease_owner IS NOT NULL OR NOT receiving)
 	);
 	ALTER SEQUENCE spool_message_ids OWNED BY spool_messages.id;
 	CREATE INDEX spool_messages_claimable ON spool_messages (claimable_at, id) WHERE NOT held;
