@@ -49,8 +49,11 @@ func (h *harness) queryInt(t testing.TB, sql string, args ...any) int64 {
 	return n
 }
 
-func newMsg(h *harness, rcpts ...string) *store.Message {
-	now := h.clock.Now()
+// newMsg returns a message to rcpts arriving now by the harness's clock,
+// due at once.
+func newMsg(h *harness, rcpts ...string) *store.Message { return msgAt(h.clock.Now(), rcpts...) }
+
+func msgAt(now time.Time, rcpts ...string) *store.Message {
 	m := &store.Message{MsgID: "m", From: "s@example.org", Arrival: now, NextAttempt: now}
 	for _, r := range rcpts {
 		m.Rcpts = append(m.Rcpts, store.Rcpt{Addr: r})

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
 
@@ -24,15 +23,9 @@ func benchStore(b *testing.B) *Store {
 	return s
 }
 
-func benchMessage() *store.Message {
-	now := time.Now()
-	return &store.Message{MsgID: "m", From: "s@example.org", Arrival: now, NextAttempt: now,
-		Rcpts: []store.Rcpt{{Addr: "r1@example.org"}, {Addr: "r2@example.org"}}}
-}
-
 // enqueue creates and, if commit, commits a 4 KiB message.
 func enqueue(s *Store, commit bool) error {
-	l, err := s.Create(ctx, benchMessage(), []byte(hdr), bytes.NewReader(body4k), int64(len(body4k)))
+	l, err := s.Create(ctx, msgAt(time.Now(), "r1@example.org", "r2@example.org"), []byte(hdr), bytes.NewReader(body4k), int64(len(body4k)))
 	if err == nil && commit {
 		_, err = s.Commit(ctx, l)
 	}
