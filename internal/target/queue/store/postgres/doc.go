@@ -141,7 +141,9 @@
 // a Save, Release or Commit that did commit ended the lease, so the
 // holder's retry gets ErrLeaseLost and drops the message, which is
 // correct since the state was written (a request it returned is lost
-// with the reply); one that did not commit leaves the lease as it was.
+// with the reply); one that did not commit leaves the lease as it was. A
+// Claim whose reply is lost leaves its messages leased, to nobody who
+// works on them, until their leases expire.
 //
 // What a failure costs:
 //   - A node that crashes: the messages it held (claimed, and being

@@ -293,7 +293,7 @@ func (s *Store) takeBack(ctx context.Context, tx pgx.Tx) error {
 // heartbeat keeps this node's spool_nodes row fresh.
 func (s *Store) heartbeat() {
 	defer s.wg.Done()
-	t := time.NewTicker(s.opts.Lease / 3)
+	t := time.NewTicker(max(s.opts.Lease/3, time.Millisecond))
 	defer t.Stop()
 	failing := false
 	for {

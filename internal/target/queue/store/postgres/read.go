@@ -228,7 +228,8 @@ func (r *chunkReader) fetch() error {
 		return fmt.Errorf("postgres: content of %v: %w", store.ID(r.id), err)
 	}
 	if !found || len(r.buf) == 0 || int64(len(r.buf)) > r.left {
-		return fmt.Errorf("postgres: content of %v is damaged: chunk %d missing or of the wrong size", store.ID(r.id), r.seq)
+		return fmt.Errorf("postgres: content of %v: chunk %d missing or of the wrong size (the message was removed, or its content is damaged)",
+			store.ID(r.id), r.seq)
 	}
 	r.cur = r.buf
 	r.left -= int64(len(r.buf))
@@ -259,6 +260,9 @@ func (s *Store) Quarantine(ctx context.Context, id store.ID, reason error) {
 // (its chunks stay in spool_chunks under the same ID), and tells
 // OnQuarantine. If the move fails, the row stays and is met again.
 func (s *Store) quarantine(ctx context.Context, id store.ID, reason error) {
+	if reason == nil {
+		reason = errors.New("no reason given")
+	}
 	text := reason.Error()
 	if len(text) > maxReason {
 		text = strings.ToValidUTF8(text[:maxReason], "") + "...(cut)"
