@@ -135,7 +135,7 @@ func Open(ctx context.Context, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)
 	}
-	if !dsnSets(opts.DSN, "pool_max_conns") {
+	if !strings.Contains(opts.DSN, "pool_max_conns") {
 		cfg.MaxConns = defaultMaxConns
 	}
 	var idb [16]byte
@@ -188,9 +188,6 @@ func (s *Store) start(ctx context.Context) error {
 	}
 	return nil
 }
-
-// dsnSets reports whether a DSN mentions parameter name.
-func dsnSets(dsn, name string) bool { return strings.Contains(dsn, name) }
 
 func (s *Store) forget() {
 	live.Lock()
