@@ -206,10 +206,12 @@
 // Claim, ClaimID, Save and the like touch a few index entries per
 // message. Stats is one statement that scans spool_messages sequentially
 // (count, sum of pending, held, min(arrival) of the rows not being
-// received): its cost grows with the queue, about 80 ms for 100 000
-// messages on a 2-core machine (BenchmarkStats), since an index-only scan
-// would not help a table whose rows change on every claim. Call it at
-// metrics-scrape intervals, not per message. Walk reads 256 rows per
+// received): its cost grows with the queue, 80 to 140 ms for 100 000
+// messages on a 2-core machine (BenchmarkStats). An index could not spare
+// the scan: counting needs every row, and an index-only scan would still
+// visit the heap of a table whose rows change on every claim, while every
+// write would pay for one more index. Call it at metrics-scrape
+// intervals, not per message. Walk reads 256 rows per
 // statement, ordered by id, so no transaction spans the table.
 //
 // # Why not River
