@@ -16,7 +16,8 @@
 //
 //	spool_messages     one row per message:
 //	  id               bigint from the sequence spool_message_ids: never
-//	                   reused (a failed Create's may be skipped)
+//	                   reused once committed (a failed Create's is
+//	                   skipped, or after a server crash may come again)
 //	  meta             the metadata, exactly as store.EncodeMeta writes it
 //	  arrival          Message.Arrival, for Stats
 //	  next_attempt     Message.NextAttempt, as last saved
@@ -32,7 +33,7 @@
 //	  body, body_len   the body when header and body fit InlineLimit,
 //	                   else NULL and the body is in spool_chunks
 //	index spool_messages_claimable (claimable_at, id) WHERE NOT held
-//	index spool_messages_lease_owner (lease_owner) WHERE leased
+//	index spool_messages_lease_owner (lease_owner) WHERE lease_owner IS NOT NULL
 //	spool_chunks       (message_id, seq, data): a large body in rows of
 //	                   256 KiB, stored uncompressed out of line
 //	spool_nodes        (name, host, pid, instance, started, heartbeat)
