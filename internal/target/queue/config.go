@@ -66,6 +66,12 @@ type storeSettings struct {
 // enough that mail a dead node held is taken over within minutes.
 const defaultLease = 5 * time.Minute
 
+// minLease is the shortest lease accepted. Short leases hand a dead node's
+// mail over sooner, and make a node that pauses (a long garbage
+// collection, a stalled disk, a suspended VM) for a third of the lease
+// lose its attempts to other nodes; tests use it, production should not.
+const minLease = 10 * time.Second
+
 // rules are the per-recipient rules these settings give.
 func (s *settings) rules() fate.Rules {
 	return fate.Rules{Policy: s.policy, DelayWarning: s.delayWarning, DelayRepeat: s.delayRepeat}
@@ -268,8 +274,8 @@ func parseStore(globals map[string]interface{}, n config.Node) (interface{}, err
 	if _, err := m.Process(); err != nil {
 		return nil, err
 	}
-	if st.lease < 30*time.Second {
-		return nil, config.NodeErr(n, "store postgres: lease %v is too short: an attempt renews its lease every third of it, and a pause of the node longer than that hands its mail to another node; use 30s or more", st.lease)
+	if st.lease < minLease {
+		return nil, config.NodeErr(n, "store postgres: lease %v is too short: an attempt renews its lease every third of it, and a pause of the node longer than that hands its mail to another node; use %v or more", st.lease, minLease)
 	}
 	if err := checkNodeName(st.node); err != nil {
 		return nil, config.NodeErr(n, "store postgres: node: %v", err)

@@ -145,7 +145,7 @@ func TestConfigStore(t *testing.T) {
 		{"no dsn", "target dummy\nstore postgres {\n node mx1\n}", storeSettings{}, []string{"spool.conf:3", "dsn"}},
 		{"unknown store", "target dummy\nstore redis", storeSettings{}, []string{"spool.conf:3", "redis", "embedded or postgres"}},
 		{"embedded with a block", "target dummy\nstore embedded {\n dsn x\n}", storeSettings{}, []string{"spool.conf:3", "embedded"}},
-		{"short lease", "target dummy\nstore postgres {\n dsn x\n lease 5s\n}", storeSettings{}, []string{"spool.conf:3", "lease", "30s"}},
+		{"short lease", "target dummy\nstore postgres {\n dsn x\n lease 5s\n}", storeSettings{}, []string{"spool.conf:3", "lease", "10s"}},
 		{"bad lease", "target dummy\nstore postgres {\n dsn x\n lease soon\n}", storeSettings{}, []string{"spool.conf:5", "lease", "soon"}},
 		{"node with a space", "target dummy\nstore postgres {\n dsn x\n node \"mx 1\"\n}", storeSettings{}, []string{"spool.conf:3", "node"}},
 		{"unknown directive", "target dummy\nstore postgres {\n dsn x\n pool 5\n}", storeSettings{}, []string{"spool.conf:5", "pool"}},

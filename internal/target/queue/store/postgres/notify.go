@@ -68,6 +68,7 @@ func (s *Store) listen(first chan struct{}) {
 		}
 		signalFirst()
 		err = s.waitNotifications(conn)
+		s.reporter.Store(false) // the session's advisory lock ends with it
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		conn.Close(ctx)
 		cancel()
@@ -98,10 +99,19 @@ func (s *Store) listenConn() (*pgx.Conn, error) {
 
 // waitNotifications signals Wake for each notification until the
 // connection fails or the handle stops. An idle connection is pinged every
-// listenPing, so a dead one is noticed.
+// listenPing, so a dead one is noticed; while another node reports the
+// cluster's figures, the session tries every PollInterval to take that
+// over (see ReportsCluster).
 func (s *Store) waitNotifications(conn *pgx.Conn) error {
+	if err := s.tryReporter(conn); err != nil {
+		return err
+	}
 	for {
-		ctx, cancel := context.WithTimeout(s.ctx, listenPing)
+		wait := listenPing
+		if !s.reporter.Load() {
+			wait = min(wait, s.opts.PollInterval)
+		}
+		ctx, cancel := context.WithTimeout(s.ctx, wait)
 		_, err := conn.WaitForNotification(ctx)
 		cancel()
 		switch {
@@ -113,14 +123,43 @@ func (s *Store) waitNotifications(conn *pgx.Conn) error {
 		case !errors.Is(err, context.DeadlineExceeded) && !pgconn.Timeout(err):
 			return err
 		}
-		ctx, cancel = context.WithTimeout(s.ctx, connectTimeout)
-		err = conn.Ping(ctx)
-		cancel()
+		if s.reporter.Load() {
+			ctx, cancel = context.WithTimeout(s.ctx, connectTimeout)
+			err = conn.Ping(ctx)
+			cancel()
+		} else {
+			err = s.tryReporter(conn)
+		}
 		if err != nil {
 			return err
 		}
 	}
 }
+
+// tryReporter makes this node the one that reports the cluster's figures
+// if no other node's session holds the reporter lock: a session-level
+// advisory lock, which PostgreSQL releases when that session ends, so a
+// dead node's role passes to another node within a PollInterval.
+func (s *Store) tryReporter(conn *pgx.Conn) error {
+	if s.reporter.Load() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, connectTimeout)
+	defer cancel()
+	var got bool
+	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock($1)", s.reporterKey).Scan(&got); err != nil {
+		return err
+	}
+	s.reporter.Store(got)
+	return nil
+}
+
+// ReportsCluster reports whether this node is the one that exports the
+// whole queue's figures (Stats) as metrics, so that a sum over the nodes
+// counts each message once. Exactly one node with a working connection
+// to the database holds the role; when it stops or loses its connection,
+// another takes it over within PollInterval.
+func (s *Store) ReportsCluster(context.Context) bool { return s.reporter.Load() }
 
 // poll signals Wake every PollInterval, the fallback for notifications
 // lost while the listener was down.

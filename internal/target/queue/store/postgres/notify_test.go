@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
 
 // notifications counts the notifications on a handle's channel, as
@@ -133,5 +134,56 @@ func TestRequestSurvivesTakeover(t *testing.T) {
 	}
 	if r, err := b.Save(ctx, cs[0].Lease, cs[0].Message); err != nil || r != store.RequestHold {
 		t.Fatalf("Save = %v, %v; want the hold recorded under the old lease", r, err)
+	}
+}
+
+// TestOneReporter: exactly one of several handles reports the cluster's
+// figures, and when it closes another takes over.
+func TestOneReporter(t *testing.T) {
+	dsn := pgtest.Database(t)
+	var handles []*Store
+	for _, node := range []string{"a", "b", "c"} {
+		s, err := Open(context.Background(), Options{DSN: dsn, Node: node, PollInterval: 20 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		handles = append(handles, s)
+	}
+	reporters := func(hs []*Store) (n int, who *Store) {
+		for _, s := range hs {
+			if s.ReportsCluster(context.Background()) {
+				n, who = n+1, s
+			}
+		}
+		return n, who
+	}
+	waitOne := func(hs []*Store) *Store {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			n, who := reporters(hs)
+			if n > 1 {
+				t.Fatalf("%d handles report the cluster", n)
+			}
+			if n == 1 {
+				return who
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no handle reports the cluster")
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	first := waitOne(handles)
+	first.Close()
+	var rest []*Store
+	for _, s := range handles {
+		if s != first {
+			rest = append(rest, s)
+		}
+	}
+	if next := waitOne(rest); next == first {
+		t.Fatal("a closed handle still reports")
 	}
 }

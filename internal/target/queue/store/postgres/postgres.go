@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log"
 	"os"
 	"strings"
@@ -83,7 +84,11 @@ type Store struct {
 	committersDone sync.WaitGroup
 	wake           chan struct{}
 	ops            chan *op
-	batches        atomic.Int64 // batches sent, for tests
+	// reporter is set while the listener's session holds the reporter
+	// lock (see ReportsCluster); reporterKey is that advisory lock's key.
+	reporter    atomic.Bool
+	reporterKey int64
+	batches     atomic.Int64 // batches sent, for tests
 
 	closeMu   sync.Mutex
 	closed    bool
@@ -165,6 +170,10 @@ func (s *Store) start(ctx context.Context) error {
 	if err := s.pool.QueryRow(ctx, "SELECT 'spool:' || current_schema()").Scan(&s.channel); err != nil {
 		return fmt.Errorf("postgres: connect: %w", err)
 	}
+	// One reporter per queue (database and schema), as for notifications.
+	h := fnv.New64a()
+	h.Write([]byte("reporter " + s.channel))
+	s.reporterKey = int64(h.Sum64())
 	live.Lock()
 	live.m[s.instance] = true
 	live.Unlock()
