@@ -177,7 +177,6 @@ func (s *fakeSource) left() int {
 	return len(s.due)
 }
 
-
 // runDispatcher starts a dispatcher on src and returns when the test ends.
 func runDispatcher(t *testing.T, clock *FakeClock, src Source, parallel int, fn func(c store.Claim, delivered func())) {
 	ctx, cancel := context.WithCancel(context.Background())
