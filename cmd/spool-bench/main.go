@@ -60,6 +60,8 @@ type options struct {
 	// takeoverN the messages sent in it.
 	takeoverLease time.Duration
 	takeoverN     int
+	// pgStatements lists the costliest statements of each section.
+	pgStatements bool
 }
 
 var allSections = []string{"disk", "enqueue", "backlog", "startup", "scale", "dispatch", "e2e", "takeover"}
@@ -99,6 +101,7 @@ func run() int {
 	flag.IntVar(&o.nodes, "nodes", 3, "spool-pg: nodes sharing one database in the multi-node figures (dispatch, end-to-end, takeover)")
 	flag.DurationVar(&o.takeoverLease, "takeover-lease", 10*time.Second, "spool-pg: the store's lease in the takeover section (10s is the shortest accepted)")
 	flag.IntVar(&o.takeoverN, "takeover-messages", 200, "spool-pg: messages sent in each takeover measurement")
+	flag.BoolVar(&o.pgStatements, "pg-statements", false, "spool-pg: load pg_stat_statements and print each section's costliest statements (a diagnosis: it costs the server a little)")
 	flag.DurationVar(&o.timeout, "timeout", 3*time.Minute, "bound on each wait (drain, dispatch); a figure that hits it is marked")
 	flag.DurationVar(&o.probeTime, "probe-duration", 3*time.Second, "length of each disk probe")
 	flag.IntVar(&o.e2eN, "e2e-messages", 3000, "end-to-end: messages per measurement")
@@ -154,6 +157,9 @@ func run() int {
 			o.pgSettings = append(o.pgSettings, line)
 		}
 	}
+	if o.pgStatements {
+		o.pgSettings = append(o.pgSettings, bench.StatementsSetting)
+	}
 	if contains(o.kinds, bench.SpoolPG) {
 		if _, err := pgtest.BinDir(); err != nil {
 			if set["only"] {
@@ -204,11 +210,20 @@ func run() int {
 			return 1
 		}
 		fmt.Println("spool-pg:", desc)
+		if o.pgStatements {
+			if err := b.pg.EnableStatements(); err != nil {
+				fmt.Fprintln(os.Stderr, "spool-bench: pg_stat_statements:", err)
+				return 1
+			}
+		}
 	}
 	err = b.all()
 	fmt.Println()
 	b.table.Print(os.Stdout)
 	b.printTargets()
+	if b.statements.Len() > 0 {
+		fmt.Print("\nPostgreSQL statements by execution time, per section (pg_stat_statements; commits' WAL flushes not included):\n", b.statements.String())
+	}
 	fmt.Printf("\ntotal time %v\n", time.Since(started).Round(time.Second))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "spool-bench:", err)
@@ -248,6 +263,9 @@ type runner struct {
 	// targets are the figures the issue sets targets for, checked at
 	// the end.
 	targets []target
+	// statements collects each section's costliest statements
+	// (-pg-statements).
+	statements strings.Builder
 }
 
 type probe struct {
@@ -314,9 +332,21 @@ func (r *runner) all() error {
 		if !r.o.sections[s.name] {
 			continue
 		}
+		if r.o.pgStatements && r.pg != nil {
+			if err := r.pg.ResetStatements(); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		if err := s.fn(); err != nil {
 			r.progress("section %s failed: %v", s.name, err)
 			errs = append(errs, fmt.Errorf("%s: %w", s.name, err))
+		}
+		if r.o.pgStatements && r.pg != nil {
+			top, err := r.pg.TopStatements(12)
+			if err != nil {
+				errs = append(errs, err)
+			}
+			fmt.Fprintf(&r.statements, "\n== %s\n%s", s.name, top)
 		}
 	}
 	if len(r.probes) > 0 && len(r.enqueueTop) > 0 {

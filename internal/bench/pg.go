@@ -121,6 +121,65 @@ func (p *PGServer) Describe() (string, error) {
 	return "PostgreSQL " + strings.Join(parts, " ") + ", data in " + p.c.SocketDir(), nil
 }
 
+// StatementsSetting is the postgresql.conf line that loads
+// pg_stat_statements, for EnableStatements.
+const StatementsSetting = "shared_preload_libraries = 'pg_stat_statements'"
+
+// EnableStatements creates the pg_stat_statements view (the server must
+// run with StatementsSetting) and clears it.
+func (p *PGServer) EnableStatements() error {
+	_, err := p.c.Psql("postgres", "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+	if err == nil {
+		err = p.ResetStatements()
+	}
+	return err
+}
+
+// ResetStatements clears pg_stat_statements.
+func (p *PGServer) ResetStatements() error {
+	_, err := p.c.Psql("postgres", "SELECT pg_stat_statements_reset()")
+	return err
+}
+
+// TopStatements lists the n statements of every database that took the
+// most execution time since the last reset: calls, total and mean time,
+// rows, and the statement (whitespace folded, cut to 110 characters).
+// Execution time leaves out the commit's WAL flush.
+func (p *PGServer) TopStatements(n int) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, p.c.DSN("postgres"))
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(ctx, `
+		SELECT calls, total_exec_time, mean_exec_time, rows, query
+		FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT $1`, n)
+	if err != nil {
+		return "", err
+	}
+	defer rows.Close()
+	var b strings.Builder
+	fmt.Fprintf(&b, "%10s %12s %9s %10s  %s\n", "calls", "total ms", "mean ms", "rows", "statement")
+	for rows.Next() {
+		var (
+			calls, nrows int64
+			total, mean  float64
+			query        string
+		)
+		if err := rows.Scan(&calls, &total, &mean, &nrows, &query); err != nil {
+			return "", err
+		}
+		query = strings.Join(strings.Fields(query), " ")
+		if len(query) > 110 {
+			query = query[:110] + "..."
+		}
+		fmt.Fprintf(&b, "%10d %12.0f %9.3f %10d  %s\n", calls, total, mean, nrows, query)
+	}
+	return b.String(), rows.Err()
+}
+
 // PGSample is a reading of the server's counters.
 type PGSample struct {
 	// CPU is the CPU time of all the server's processes so far.
