@@ -415,6 +415,9 @@ type loadResult struct {
 	// db is what the database server did meanwhile (spool-pg only):
 	// from before Init until after Close.
 	db bench.PGSample
+	// cpu is this process's CPU time, and wall the time, from before
+	// Init until after Close.
+	cpu, wall time.Duration
 }
 
 // pgSample reads the database server's counters for kind (nothing for
@@ -442,6 +445,7 @@ func (r *runner) loadOnce(kind bench.Kind, loc string, senders int, spec bench.M
 	if err != nil {
 		return res, err
 	}
+	cpu0, start := bench.SelfCPU(), time.Now()
 	q, err := bench.OpenQueue(kind, loc, bench.QueueOptions{})
 	if err != nil {
 		return res, err
@@ -455,6 +459,7 @@ func (r *runner) loadOnce(kind bench.Kind, loc string, senders int, spec bench.M
 	if err := q.Close(); err != nil {
 		return res, err
 	}
+	res.cpu, res.wall = bench.SelfCPU()-cpu0, time.Since(start)
 	if kind.InDatabase() {
 		r.pgSettle(kind)
 		db1, err := r.pgSample(kind)
@@ -487,18 +492,20 @@ func (r *runner) enqueue() error {
 	for _, s := range r.o.senders {
 		maxSenders = max(maxSenders, s)
 	}
-	var latFigs, pgFigs []*bench.Figure
+	var latFigs, cpuFigs []*bench.Figure
 	for _, c := range cfgs {
 		f := r.table.Figure(fmt.Sprintf("enqueue %s, %d senders", c.spec, c.senders), "msg/s")
-		var p50, p99, walPer, dbCPU *bench.Figure
+		var p50, p99, ownCPU, dbCPU, busy, walPer *bench.Figure
 		basic := c.spec.BodySize == 4096 && c.spec.Rcpts == 1
 		if basic {
 			p50 = &bench.Figure{Name: fmt.Sprintf("enqueue→delivery p50, %s, %d senders", c.spec, c.senders), Unit: "ms"}
 			p99 = &bench.Figure{Name: fmt.Sprintf("enqueue→delivery p99, %s, %d senders", c.spec, c.senders), Unit: "ms"}
 			latFigs = append(latFigs, p50, p99)
-			walPer = &bench.Figure{Name: fmt.Sprintf("messages per WAL flush, %s, %d senders", c.spec, c.senders)}
-			dbCPU = &bench.Figure{Name: fmt.Sprintf("database CPU per message, %s, %d senders", c.spec, c.senders), Unit: "ms"}
-			pgFigs = append(pgFigs, walPer, dbCPU)
+			ownCPU = &bench.Figure{Name: fmt.Sprintf("bench process CPU per message, %d senders", c.senders), Unit: "ms"}
+			dbCPU = &bench.Figure{Name: fmt.Sprintf("database CPU per message, %d senders", c.senders), Unit: "ms"}
+			busy = &bench.Figure{Name: fmt.Sprintf("CPU busy, bench process + database, %d senders", c.senders), Unit: "cores"}
+			walPer = &bench.Figure{Name: fmt.Sprintf("messages per WAL flush, %d senders", c.senders)}
+			cpuFigs = append(cpuFigs, ownCPU, dbCPU, busy, walPer)
 			if c.senders == maxSenders && contains(r.o.kinds, bench.SpoolPG) {
 				r.enqueueTargets(f)
 			}
@@ -529,11 +536,15 @@ func (r *runner) enqueue() error {
 					p50.Add(kind, bench.Ms(bench.Percentile(lat, 50)))
 					p99.Add(kind, bench.Ms(bench.Percentile(lat, 99)))
 				}
-				if walPer != nil && kind.InDatabase() && res.Accepted > 0 {
-					if res.db.WALSyncs > 0 {
-						walPer.Add(kind, float64(res.Accepted)/float64(res.db.WALSyncs))
+				if ownCPU != nil && res.Accepted > 0 {
+					ownCPU.Add(kind, bench.Ms(res.cpu)/float64(res.Accepted))
+					busy.Add(kind, (res.cpu+res.db.CPU).Seconds()/res.wall.Seconds())
+					if kind.InDatabase() {
+						dbCPU.Add(kind, bench.Ms(res.db.CPU)/float64(res.Accepted))
+						if res.db.WALSyncs > 0 {
+							walPer.Add(kind, float64(res.Accepted)/float64(res.db.WALSyncs))
+						}
 					}
-					dbCPU.Add(kind, bench.Ms(res.db.CPU)/float64(res.Accepted))
 				}
 			}
 		}
@@ -545,9 +556,12 @@ func (r *runner) enqueue() error {
 			row.Samples = f.Samples
 		}
 	}
-	if contains(r.o.kinds, bench.SpoolPG) && len(pgFigs) > 0 {
-		r.table.Section("PostgreSQL server during the 4 KiB, 1 rcpt loads above (enqueue and delivery; WAL flushes from pg_stat_wal.wal_sync)")
-		for _, f := range pgFigs {
+	if len(cpuFigs) > 0 {
+		r.table.Section("CPU and WAL flushes over the 4 KiB, 1 rcpt loads above, from Init to Close (enqueue and delivery; spool-pg: the database server's processes, pg_stat_wal.wal_sync)")
+		for _, f := range cpuFigs {
+			if f.Samples == nil {
+				continue
+			}
 			row := r.table.Figure(f.Name, f.Unit)
 			row.Samples = f.Samples
 		}
