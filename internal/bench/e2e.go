@@ -282,6 +282,29 @@ func startServers(c E2EConfig, nodes []e2eNode) ([]*server, error) {
 	return servers, nil
 }
 
+// startNodes starts a server for each of c's nodes, node i (from 0)
+// delivering to sinkPort(i), waits until all listen, and returns them with
+// a function that stops them all.
+func startNodes(c E2EConfig, sinkPort func(i int) int) ([]*server, func(), error) {
+	var nodes []e2eNode
+	for i := range c.nodes() {
+		n, err := c.nodeConf(i, sinkPort(i))
+		if err != nil {
+			return nil, nil, err
+		}
+		nodes = append(nodes, n)
+	}
+	servers, err := startServers(c, nodes)
+	if err != nil {
+		return nil, nil, err
+	}
+	return servers, func() {
+		for _, s := range servers {
+			s.stop()
+		}
+	}, nil
+}
+
 // RunE2E starts the maddy binary (c.Nodes processes for SpoolPG) with the
 // kind's queue in front of an in-process go-smtp sink, sends c.Messages
 // through c.Clients concurrent SMTP connections spread over the nodes,
@@ -314,24 +337,12 @@ func RunE2E(c E2EConfig) (E2EResult, error) {
 		return res, err
 	}
 	defer sink.Close()
-	var nodes []e2eNode
-	for i := range c.nodes() {
-		n, err := c.nodeConf(i, sink.Port())
-		if err != nil {
-			return res, err
-		}
-		nodes = append(nodes, n)
-	}
 	start := time.Now()
-	servers, err := startServers(c, nodes)
+	servers, stop, err := startNodes(c, func(int) int { return sink.Port() })
 	if err != nil {
 		return res, err
 	}
-	defer func() {
-		for _, s := range servers {
-			s.stop()
-		}
-	}()
+	defer stop()
 	res.Ready = time.Since(start)
 
 	cpu := func() (u, s time.Duration, db PGSample, err error) {

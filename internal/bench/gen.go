@@ -90,19 +90,27 @@ func generateSpool(dir string, b Backlog) error {
 	if err != nil {
 		return err
 	}
-	arrival, next := backlogTimes(b)
-	body := Body(b.BodySize)
-	genErr := forEach(b.N, generateWorkers, func(i int) error {
-		m, hdr, err := backlogMessage("g"+strconv.Itoa(i), arrival, next)
-		if err != nil {
-			return err
-		}
+	genErr := generateMessages(b, func(m *store.Message, hdr, body []byte) error {
 		return st.Create(context.Background(), m, hdr, bytes.NewReader(body), int64(len(body)))
 	})
 	if err := st.Close(); genErr == nil {
 		genErr = err
 	}
 	return genErr
+}
+
+// generateMessages calls create for each message of b (as Spool stores
+// it, with its header block and body) from generateWorkers goroutines.
+func generateMessages(b Backlog, create func(m *store.Message, hdr, body []byte) error) error {
+	arrival, next := backlogTimes(b)
+	body := Body(b.BodySize)
+	return forEach(b.N, generateWorkers, func(i int) error {
+		m, hdr, err := backlogMessage("g"+strconv.Itoa(i), arrival, next)
+		if err != nil {
+			return err
+		}
+		return create(m, hdr, body)
+	})
 }
 
 // maddyQueueMeta mirrors the JSON that maddy 0.8.1's target.queue keeps in

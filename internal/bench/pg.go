@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/target/queue/store/postgres"
 	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
@@ -100,25 +101,35 @@ func (p *PGServer) Restart(evict bool) error {
 // Close stops the server and removes its files.
 func (p *PGServer) Close() error { return p.c.Close() }
 
-// Describe says which server runs and with which durability settings.
-func (p *PGServer) Describe() (string, error) {
+// admin runs fn on a connection to the server's "postgres" database,
+// within 10 seconds. The bench never queries the store's tables: only the
+// server's settings and statistics views.
+func (p *PGServer) admin(fn func(ctx context.Context, conn *pgx.Conn) error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, p.c.DSN("postgres"))
 	if err != nil {
-		return "", err
+		return err
 	}
 	defer conn.Close(context.Background())
+	return fn(ctx, conn)
+}
+
+// Describe says which server runs and with which durability settings.
+func (p *PGServer) Describe() (string, error) {
 	var parts []string
-	for _, name := range []string{"server_version", "fsync", "synchronous_commit", "full_page_writes",
-		"wal_sync_method", "shared_buffers", "max_wal_size"} {
-		var v string
-		if err := conn.QueryRow(ctx, "SELECT current_setting($1)", name).Scan(&v); err != nil {
-			return "", err
+	err := p.admin(func(ctx context.Context, conn *pgx.Conn) error {
+		for _, name := range []string{"server_version", "fsync", "synchronous_commit", "full_page_writes",
+			"wal_sync_method", "shared_buffers", "max_wal_size"} {
+			var v string
+			if err := conn.QueryRow(ctx, "SELECT current_setting($1)", name).Scan(&v); err != nil {
+				return err
+			}
+			parts = append(parts, name+"="+v)
 		}
-		parts = append(parts, name+"="+v)
-	}
-	return "PostgreSQL " + strings.Join(parts, " ") + ", data in " + p.c.SocketDir(), nil
+		return nil
+	})
+	return "PostgreSQL " + strings.Join(parts, " ") + ", data in " + p.c.SocketDir(), err
 }
 
 // StatementsSetting is the postgresql.conf line that loads
@@ -146,38 +157,34 @@ func (p *PGServer) ResetStatements() error {
 // rows, and the statement (whitespace folded, cut to 110 characters).
 // Execution time leaves out the commit's WAL flush.
 func (p *PGServer) TopStatements(n int) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, p.c.DSN("postgres"))
-	if err != nil {
-		return "", err
-	}
-	defer conn.Close(context.Background())
-	rows, err := conn.Query(ctx, `
-		SELECT calls, total_exec_time, mean_exec_time, rows, query
-		FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT $1`, n)
-	if err != nil {
-		return "", err
-	}
-	defer rows.Close()
 	var b strings.Builder
-	fmt.Fprintf(&b, "%10s %12s %9s %10s  %s\n", "calls", "total ms", "mean ms", "rows", "statement")
-	for rows.Next() {
-		var (
-			calls, nrows int64
-			total, mean  float64
-			query        string
-		)
-		if err := rows.Scan(&calls, &total, &mean, &nrows, &query); err != nil {
-			return "", err
+	err := p.admin(func(ctx context.Context, conn *pgx.Conn) error {
+		rows, err := conn.Query(ctx, `
+			SELECT calls, total_exec_time, mean_exec_time, rows, query
+			FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT $1`, n)
+		if err != nil {
+			return err
 		}
-		query = strings.Join(strings.Fields(query), " ")
-		if len(query) > 110 {
-			query = query[:110] + "..."
+		defer rows.Close()
+		fmt.Fprintf(&b, "%10s %12s %9s %10s  %s\n", "calls", "total ms", "mean ms", "rows", "statement")
+		for rows.Next() {
+			var (
+				calls, nrows int64
+				total, mean  float64
+				query        string
+			)
+			if err := rows.Scan(&calls, &total, &mean, &nrows, &query); err != nil {
+				return err
+			}
+			query = strings.Join(strings.Fields(query), " ")
+			if len(query) > 110 {
+				query = query[:110] + "..."
+			}
+			fmt.Fprintf(&b, "%10d %12.0f %9.3f %10d  %s\n", calls, total, mean, nrows, query)
 		}
-		fmt.Fprintf(&b, "%10d %12.0f %9.3f %10d  %s\n", calls, total, mean, nrows, query)
-	}
-	return b.String(), rows.Err()
+		return rows.Err()
+	})
+	return b.String(), err
 }
 
 // PGSample is a reading of the server's counters.
@@ -203,14 +210,9 @@ func (p *PGServer) Sample() (PGSample, error) {
 	if s.CPU, err = p.serverCPU(); err != nil {
 		return s, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, p.c.DSN("postgres"))
-	if err != nil {
-		return s, err
-	}
-	defer conn.Close(context.Background())
-	err = conn.QueryRow(ctx, "SELECT wal_sync FROM pg_stat_wal").Scan(&s.WALSyncs)
+	err = p.admin(func(ctx context.Context, conn *pgx.Conn) error {
+		return conn.QueryRow(ctx, "SELECT wal_sync FROM pg_stat_wal").Scan(&s.WALSyncs)
+	})
 	return s, err
 }
 
@@ -243,13 +245,7 @@ func generatePG(dsn string, b Backlog) error {
 	if err != nil {
 		return err
 	}
-	arrival, next := backlogTimes(b)
-	body := Body(b.BodySize)
-	genErr := forEach(b.N, generateWorkers, func(i int) error {
-		m, hdr, err := backlogMessage("g"+strconv.Itoa(i), arrival, next)
-		if err != nil {
-			return err
-		}
+	genErr := generateMessages(b, func(m *store.Message, hdr, body []byte) error {
 		l, err := st.Create(ctx, m, hdr, bytes.NewReader(body), int64(len(body)))
 		if err != nil {
 			return err

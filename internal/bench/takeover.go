@@ -78,27 +78,16 @@ func RunTakeover(c TakeoverConfig) (TakeoverResult, error) {
 	defer sink.Close()
 
 	e := E2EConfig{Bin: c.Bin, Kind: SpoolPG, Dir: c.Dir, DSN: c.DSN, Nodes: c.Nodes, Lease: c.Lease, Timeout: c.Timeout}
-	var nodes []e2eNode
-	for i := range c.Nodes {
-		port := sink.Port()
+	servers, stop, err := startNodes(e, func(i int) int {
 		if i == 0 {
-			port = stall.Port()
+			return stall.Port()
 		}
-		n, err := e.nodeConf(i, port)
-		if err != nil {
-			return res, err
-		}
-		nodes = append(nodes, n)
-	}
-	servers, err := startServers(e, nodes)
+		return sink.Port()
+	})
 	if err != nil {
 		return res, err
 	}
-	defer func() {
-		for _, s := range servers {
-			s.stop()
-		}
-	}()
+	defer stop()
 	var addrs []string
 	for _, s := range servers[1:] {
 		addrs = append(addrs, s.addr)
