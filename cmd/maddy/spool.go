@@ -19,6 +19,7 @@ import (
 	"github.com/maddy-spool/spool/internal/target/queue/migrate"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
+	"github.com/maddy-spool/spool/internal/target/queue/store/postgres"
 )
 
 // changeTimeout bounds a change command; the server itself waits at most
@@ -225,25 +226,18 @@ func readOnline(c *cli.Context, setup *spoolSetup, req admin.Request, fn func(ad
 	return true, err
 }
 
-// withOffline opens each selected queue directory read-only, for reads
-// while the server is down.
+// withOffline opens each selected queue read-only, for reads while the
+// server is down: an embedded store's directory, or a PostgreSQL store's
+// database (read without joining the cluster).
 func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st admin.Reader) error) error {
 	insts, err := setup.pick(c)
 	if err != nil {
 		return err
 	}
 	for _, inst := range insts {
-		if c.String("dir") == "" {
-			fmt.Fprintf(os.Stderr, "maddy is not running (nothing listens on %s): reading %s read-only\n", setup.socket, inst.location)
-		}
-		if _, err := os.Stat(inst.location); err != nil {
-			return fmt.Errorf("instance %s: %w", inst.name, err)
-		}
-		st, err := embedded.OpenDir(inst.location, embedded.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
+		st, err := openOffline(c, setup, inst)
 		if err != nil {
-			// A running server holds the lock; it is then reachable only
-			// on another socket, or not at all (admin_socket off).
-			return fmt.Errorf("instance %s: %w (if maddy is running, its control socket is elsewhere: --socket, or admin_socket off in its configuration)", inst.name, err)
+			return err
 		}
 		err = fn(inst.name, st)
 		st.Close()
@@ -252,6 +246,38 @@ func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st admi
 		}
 	}
 	return nil
+}
+
+// offlineReader is a queue read without the server.
+type offlineReader interface {
+	admin.Reader
+	Close() error
+}
+
+func openOffline(c *cli.Context, setup *spoolSetup, inst spoolInstance) (offlineReader, error) {
+	if inst.pgDSN != "" {
+		fmt.Fprintf(os.Stderr, "maddy is not running here (nothing listens on %s): reading instance %s from its PostgreSQL store\n", setup.socket, inst.name)
+		ctx, cancel := signalContext(30 * time.Second)
+		defer cancel()
+		r, err := postgres.OpenReader(ctx, inst.pgDSN)
+		if err != nil {
+			return nil, fmt.Errorf("instance %s: %w", inst.name, err)
+		}
+		return r, nil
+	}
+	if c.String("dir") == "" {
+		fmt.Fprintf(os.Stderr, "maddy is not running (nothing listens on %s): reading %s read-only\n", setup.socket, inst.location)
+	}
+	if _, err := os.Stat(inst.location); err != nil {
+		return nil, fmt.Errorf("instance %s: %w", inst.name, err)
+	}
+	st, err := embedded.OpenDir(inst.location, embedded.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
+	if err != nil {
+		// A running server holds the lock; it is then reachable only
+		// on another socket, or not at all (admin_socket off).
+		return nil, fmt.Errorf("instance %s: %w (if maddy is running, its control socket is elsewhere: --socket, or admin_socket off in its configuration)", inst.name, err)
+	}
+	return st, nil
 }
 
 func spoolList(c *cli.Context) error {

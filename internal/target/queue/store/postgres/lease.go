@@ -81,7 +81,9 @@ func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
 func (s *Store) decode(ctx context.Context, id int64, meta []byte) (*store.Message, error) {
 	m, err := store.DecodeMeta(store.ID(id), meta)
 	if err != nil {
-		s.quarantine(ctx, store.ID(id), err)
+		if !s.readOnly { // a Reader writes nothing; a node moves it aside
+			s.quarantine(ctx, store.ID(id), err)
+		}
 		return nil, fmt.Errorf("%w: message %v: %v", store.ErrCorrupt, store.ID(id), err)
 	}
 	return m, nil

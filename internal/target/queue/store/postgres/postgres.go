@@ -84,6 +84,8 @@ type Store struct {
 	committersDone sync.WaitGroup
 	wake           chan struct{}
 	ops            chan *op
+	// readOnly is set for a Reader's handle.
+	readOnly bool
 	// reporter is set while the listener's session holds the reporter
 	// lock (see ReportsCluster); reporterKey is that advisory lock's key.
 	reporter    atomic.Bool
