@@ -217,14 +217,19 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 }
 
 // NextDue returns when the earliest message Claim could return falls due.
+// This node's own leases are left out: it renews them while it works and
+// ends them itself, and every write that ends one wakes this node's
+// dispatcher (endLease), which then asks again.
 func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
 	if err := s.enter(); err != nil {
 		return time.Time{}, false, err
 	}
 	defer s.leave()
 	var due time.Time
-	err := s.pool.QueryRow(ctx,
-		"SELECT claimable_at FROM spool_messages WHERE NOT held ORDER BY claimable_at, id LIMIT 1").Scan(&due)
+	err := s.pool.QueryRow(ctx, `
+		SELECT claimable_at FROM spool_messages
+		WHERE NOT held AND lease_owner IS DISTINCT FROM $1
+		ORDER BY claimable_at, id LIMIT 1`, s.node).Scan(&due)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return time.Time{}, false, nil

@@ -306,6 +306,10 @@ func (s *Store) endLease(ctx context.Context, l *store.Lease, m *store.Message) 
 	if err != nil {
 		return 0, err
 	}
+	// The message's new due time may be the earliest this node knows
+	// of; its dispatcher asks again (other nodes are notified by the
+	// statement when it is due now).
+	s.signalWake()
 	return store.Request(req), nil
 }
 
