@@ -99,6 +99,7 @@ func (q *Queue) afterWrite(l *store.Lease, m *store.Message, req store.Request, 
 	case err != nil:
 		// The lease expires and the message is attempted again: at
 		// least once.
+		metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreSave).Inc()
 		q.Log.Error("cannot save queue state", err, "queue_id", m.ID.String(), "of", what)
 	case req != 0:
 		q.applyRequest(context.Background(), l, m, req)
@@ -245,6 +246,7 @@ func (q *Queue) saveOutcome(retry context.Context, l *store.Lease, m *store.Mess
 		if errors.Is(err, store.ErrNotFound) {
 			return 0, store.ErrLeaseLost
 		}
+		metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreSave).Inc()
 		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
 		if !q.sleep(retry, storeRetryDelay) {
 			return 0, err

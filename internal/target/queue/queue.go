@@ -214,6 +214,7 @@ func (q *Queue) start(st store.Backend) error {
 			Source:   st,
 			Parallel: q.cfg.maxParallelism,
 			OnError: func(err error) {
+				metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreClaim).Inc()
 				q.Log.Error("cannot claim due messages from the store, will retry", err)
 			},
 		}

@@ -71,6 +71,21 @@ var (
 		Name: "maddy_spool_admin_operations_total",
 		Help: "Operator commands that changed the queue, by operation.",
 	}, []string{"module", "op"})
+
+	// StoreErrors counts calls of the delivery side that the store
+	// failed, by what was asked (StoreClaim, StoreSave, StoreRenew): the
+	// disk of the embedded store, or the database of a shared one.
+	StoreErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_store_errors_total",
+		Help: "Store calls of the delivery side that failed (claiming due messages, saving outcomes, renewing leases), by call.",
+	}, []string{"module", "op"})
+)
+
+// Calls counted by StoreErrors.
+const (
+	StoreClaim = "claim"
+	StoreSave  = "save"
+	StoreRenew = "renew"
 )
 
 // Reasons for EnqueueFailures.
@@ -99,6 +114,7 @@ var (
 	notSentReason = []string{ReasonNullSender, ReasonNoBouncePipeline, ReasonReportError}
 	enqueueReason = []string{ReasonStoreError, ReasonMinFreeSpace, ReasonNotCommitted}
 	adminOps      = []string{"hold", "release", "retry", "delete", "bounce"}
+	storeOps      = []string{StoreClaim, StoreSave, StoreRenew}
 )
 
 // InitSeries creates every labelled series of an instance at zero.
@@ -117,6 +133,9 @@ func InitSeries(module string) {
 	}
 	for _, op := range adminOps {
 		AdminOperations.WithLabelValues(module, op)
+	}
+	for _, op := range storeOps {
+		StoreErrors.WithLabelValues(module, op)
 	}
 	AttemptDuration.WithLabelValues(module)
 	Quarantined.WithLabelValues(module)
@@ -245,5 +264,5 @@ func Register(name string, src Source) (unregister func()) {
 }
 
 func init() {
-	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, gauges)
+	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, StoreErrors, gauges)
 }
