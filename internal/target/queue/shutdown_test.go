@@ -66,6 +66,9 @@ func TestShutdownCancelledAttemptIsNotATry(t *testing.T) {
 			}
 			h.waitAttempts(1) // the cancelled one
 			h.target.Unblock()
+			// The message is due at once after the restart: hold the next
+			// attempt until the state and gauges are checked.
+			h.target.Block()
 			if n := len(h.reports()); n != 0 {
 				t.Fatalf("%d reports sent for an attempt cancelled by shutdown", n)
 			}
@@ -91,6 +94,7 @@ func TestShutdownCancelledAttemptIsNotATry(t *testing.T) {
 			}
 			h.assertGauges(1, int64(len(m.Pending())))
 
+			h.target.Unblock()
 			h.waitAttempts(1)
 			for _, r := range to {
 				if n := h.target.CountDelivered(r.addr); n != 1 {
