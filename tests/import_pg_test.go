@@ -176,3 +176,58 @@ func TestImportSpoolStoreIntoPostgres(t *testing.T) {
 	}
 	mustContain(t, "stats at the end", e.spoolOK("stats").stdout, "0 messages")
 }
+
+// TestImportTargetQueueIntoPostgres: maddy's own target.queue straight
+// into a PostgreSQL store; a node on it delivers each message once.
+func TestImportTargetQueueIntoPostgres(t *testing.T) {
+	dsn := newPostgres(t)
+	var accept atomic.Bool
+	sink := newSink(t, testutils.WithScript(func(stage, _, _ string, _ int) *smtp.SMTPError {
+		if stage == testutils.StageRCPT && !accept.Load() {
+			return testutils.SinkReply(451, [3]int{4, 4, 1}, "not yet")
+		}
+		return nil
+	}))
+	ports := freePorts(t, 1)
+	p := params{Dir: t.TempDir(), SMTPPort: ports[0], SinkPort: sink.Port()}
+	old := p
+	old.Module, old.MaxTries = "target.queue", "10"
+	srv := startServer(t, writeConfig(t, old))
+	srv.waitLog(fmt.Sprintf("%s%d", readyPrefix, p.SMTPPort))
+	rcpts := []string{"a@x.test"}
+	var ids []string
+	for i := 0; i < 2; i++ {
+		id := msgID(t, i)
+		ids = append(ids, id)
+		if err := submit(t, fmt.Sprintf("127.0.0.1:%d", p.SMTPPort), "sender@origin.test", rcpts, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// See TestImportFromTargetQueue: stop maddy only once each attempt
+	// is recorded.
+	eventually(t, waitTimeout, func() bool { return srv.countLog("will retry") >= 2 })
+	if code := srv.stop(); code != 0 {
+		t.Fatalf("maddy with target.queue exited with %d", code)
+	}
+
+	p.Extra = postgresStore(dsn, "n1")
+	e := &env{t: t, p: p, cfg: writeAdminConfig(t, p), sink: sink}
+	r := e.spoolOK("import", "--from", e.queueDir(), "--to", "outq")
+	mustContain(t, "import", r.stdout, "2 imported, 0 skipped, 0 not imported")
+	if metas, _ := filepath.Glob(filepath.Join(e.queueDir(), "*.meta*")); len(metas) != 0 {
+		t.Fatalf("import left %v", metas)
+	}
+
+	accept.Store(true)
+	before := len(sink.Messages())
+	e.srv = startServer(t, e.cfg)
+	e.srv.waitLog(e.readyLine())
+	mustContain(t, "retry", e.spoolOK("retry", "--all", "--yes").stdout, "2 changed")
+	msgs := waitDelivered(t, sink, ids, rcpts)
+	e.waitQueue("an empty queue", func(q map[string]admin.MessageInfo) bool { return len(q) == 0 })
+	for k, n := range deliveries(msgs[before:]) {
+		if n != 1 {
+			t.Errorf("%s delivered %d times", k, n)
+		}
+	}
+}
