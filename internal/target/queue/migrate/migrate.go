@@ -176,6 +176,20 @@ type Options struct {
 	beforeStep func(step string) error
 }
 
+// withDefaults fills in the options left unset.
+func (o Options) withDefaults() Options {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...interface{}) {}
+	}
+	if o.Progress == nil {
+		o.Progress = func(Progress) {}
+	}
+	return o
+}
+
 // Progress is how far an import is: Done of the Total entries of its
 // current phase. An import of a target.queue directory first reads the
 // metadata of every entry (PhaseReading: Total is the number of metadata
@@ -339,16 +353,7 @@ func (d backendDestination) Walk(fn func(*store.Message) error) error {
 // Import is safe to run again, after a crash or an error at any point (see
 // the package documentation); maddy must not be running on fromDir.
 func Import(ctx context.Context, fromDir string, dst Destination, opts Options) (res Result, err error) {
-	im := &importer{dir: fromDir, dst: dst, opts: opts, res: Result{DryRun: opts.DryRun}}
-	if im.opts.Now == nil {
-		im.opts.Now = time.Now
-	}
-	if im.opts.Logf == nil {
-		im.opts.Logf = func(string, ...interface{}) {}
-	}
-	if im.opts.Progress == nil {
-		im.opts.Progress = func(Progress) {}
-	}
+	im := &importer{dir: fromDir, dst: dst, opts: opts.withDefaults(), res: Result{DryRun: opts.DryRun}}
 	start := im.opts.Now()
 	defer func() { res.Elapsed = im.opts.Now().Sub(start) }()
 	fresh, markers, err := im.scan()

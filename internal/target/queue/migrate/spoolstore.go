@@ -98,17 +98,8 @@ func IsSpoolStore(dir string) (bool, error) {
 // again after a crash or an error at any point, and must be run again
 // until Result.Failed is empty.
 func ImportStore(ctx context.Context, fromDir string, dst Destination, opts Options) (res Result, err error) {
-	si := &storeImporter{dir: fromDir, dst: dst, opts: opts}
+	si := &storeImporter{dir: fromDir, dst: dst, opts: opts.withDefaults()}
 	si.res.DryRun = opts.DryRun
-	if si.opts.Now == nil {
-		si.opts.Now = time.Now
-	}
-	if si.opts.Logf == nil {
-		si.opts.Logf = func(string, ...interface{}) {}
-	}
-	if si.opts.Progress == nil {
-		si.opts.Progress = func(Progress) {}
-	}
 	start := si.opts.Now()
 	defer func() {
 		res = si.res
@@ -205,11 +196,8 @@ func (si *storeImporter) copyRound(ctx context.Context, reuse string) error {
 			src.Close()
 		}
 	}()
-	var msgs []*store.Message
-	if err := src.Walk(func(m *store.Message) error {
-		msgs = append(msgs, m)
-		return nil
-	}); err != nil {
+	msgs, err := walkAll(src.Walk)
+	if err != nil {
 		return fmt.Errorf("reading the Spool store in %s: %w", si.dir, err)
 	}
 	if len(msgs) == 0 && reuse == "" {
@@ -453,11 +441,7 @@ func (si *storeImporter) releaseRound(ctx context.Context, roundDir string, remo
 	if err != nil {
 		return fmt.Errorf("opening the moved-aside database in %s: %w", roundDir, err)
 	}
-	var msgs []*store.Message
-	err = aside.Walk(func(m *store.Message) error {
-		msgs = append(msgs, m)
-		return nil
-	})
+	msgs, err := walkAll(aside.Walk)
 	aside.Close()
 	if err != nil {
 		return fmt.Errorf("reading the moved-aside database in %s: %w", roundDir, err)
@@ -547,6 +531,16 @@ func (si *storeImporter) note(format string, args ...interface{}) {
 	s := fmt.Sprintf(format, args...)
 	si.res.Notes = append(si.res.Notes, s)
 	si.opts.Logf("%s", s)
+}
+
+// walkAll returns every message a Walk visits.
+func walkAll(walk func(func(*store.Message) error) error) ([]*store.Message, error) {
+	var msgs []*store.Message
+	err := walk(func(m *store.Message) error {
+		msgs = append(msgs, m)
+		return nil
+	})
+	return msgs, err
 }
 
 // copyIndex finds the destination's messages by copy key.

@@ -398,44 +398,6 @@ func TestImportStoreRoundTrip(t *testing.T) {
 	})
 }
 
-// faultDest fails one kind of call for the message with maddy ID target,
-// before or after passing it on, leaving what a crash there would leave.
-type faultDest struct {
-	Destination
-	target string
-	// createBefore fails Create without storing, createAfter stores and
-	// then fails (the reply lost); release fails the Update that clears
-	// Held; walk fails every Walk.
-	createBefore, createAfter, release, walk bool
-}
-
-func (f *faultDest) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, n int64) error {
-	if m.MsgID == f.target && f.createBefore {
-		return errInjected
-	}
-	if err := f.Destination.Create(ctx, m, header, body, n); err != nil {
-		return err
-	}
-	if m.MsgID == f.target && f.createAfter {
-		return errInjected
-	}
-	return nil
-}
-
-func (f *faultDest) Update(ctx context.Context, m *store.Message) error {
-	if m.MsgID == f.target && f.release && !m.Held {
-		return errInjected
-	}
-	return f.Destination.Update(ctx, m)
-}
-
-func (f *faultDest) Walk(fn func(*store.Message) error) error {
-	if f.walk {
-		return errInjected
-	}
-	return f.Destination.Walk(fn)
-}
-
 // failAt is a step hook that fails at the named step.
 func failAt(step string) func(string) error {
 	return func(s string) error {
@@ -470,7 +432,7 @@ func TestImportStoreResumesAfterCrash(t *testing.T) {
 	target := fullMessage(3, false).MsgID
 	tests := []struct {
 		name  string
-		fault *faultDest
+		fault *faultStore
 		step  string
 		// wantErr: the first run stops with an error (else it reports the
 		// message as failed).
@@ -478,14 +440,14 @@ func TestImportStoreResumesAfterCrash(t *testing.T) {
 		// sealed: the database was moved aside by the first run.
 		sealed bool
 	}{
-		{name: "destination unreadable", fault: &faultDest{walk: true}, wantErr: true},
+		{name: "destination unreadable", fault: &faultStore{walk: true}, wantErr: true},
 		{name: "after the round directory", step: "round", wantErr: true},
-		{name: "create fails before storing", fault: &faultDest{createBefore: true}},
-		{name: "create stored, reply lost", fault: &faultDest{createAfter: true}},
+		{name: "create fails before storing", fault: &faultStore{createBefore: true}},
+		{name: "create stored, reply lost", fault: &faultStore{createAfter: true}},
 		{name: "all copied, before the seal", step: "seal", wantErr: true},
 		{name: "after moving the database", step: "sealed", wantErr: true, sealed: true},
 		{name: "after moving the content", step: "release", wantErr: true, sealed: true},
-		{name: "a release fails", fault: &faultDest{release: true}, sealed: true},
+		{name: "a release fails", fault: &faultStore{update: true}, sealed: true},
 		{name: "all released, before the rename", step: "done", wantErr: true, sealed: true},
 	}
 	for _, tc := range tests {
@@ -806,7 +768,7 @@ func TestImportTargetQueueIntoPostgres(t *testing.T) {
 	fx := maddyFixture(t)
 	td := pgDest(t)
 	src := copyFixture(t, fx.queue)
-	f := &faultDest{Destination: td.dst, target: msgLarge.id, createAfter: true}
+	f := &faultStore{Destination: td.dst, target: msgLarge.id, createAfter: true}
 	res, err := Import(context.Background(), src, f, Options{})
 	if err != nil || len(res.Imported) != 1 || len(res.Failed) != 1 || !errors.Is(res.Failed[0].Err, errInjected) {
 		t.Fatalf("first run = %+v, %v", res, err)
