@@ -116,6 +116,10 @@ func TestImportSpoolStoreIntoPostgres(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(srcDir, "queue.db")); !os.IsNotExist(err) {
 		t.Fatalf("queue.db is still in %s: %v", srcDir, err)
 	}
+	if r.stderr != "" || dry.stderr != "" {
+		// Standard error is not a terminal here: no progress, no noise.
+		t.Errorf("import wrote to standard error:\n%s%s", dry.stderr, r.stderr)
+	}
 	again := e.spoolOK("import", "--from", srcDir, "--to", "outq")
 	mustContain(t, "second import", again.stdout, "imported by an earlier run", "0 imported")
 
