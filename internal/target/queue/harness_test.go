@@ -67,6 +67,12 @@ func testSettings() settings {
 		shutdownTimeout: 5 * time.Second,
 		successAction:   "relayed",
 		store:           storeSettings{node: "test-node", lease: defaultLease},
+		// One destination, with room for every attempt: the tests of
+		// destinations set their own.
+		destinations:   destinationSingle,
+		perDestination: 4,
+		backoffMin:     defaultBackoffMin,
+		backoffMax:     defaultBackoffMax,
 	}
 }
 

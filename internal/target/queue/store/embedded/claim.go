@@ -44,7 +44,7 @@ func (c *core) newLease(id store.ID, owner string, d time.Duration) *lease {
 	c.token++
 	l := &lease{owner: owner, token: c.token, expiry: c.now().Add(d)}
 	c.leases[id] = l
-	c.heap.remove(id)
+	c.lanes.remove(id)
 	return l
 }
 
@@ -66,38 +66,94 @@ func (c *core) requeueExpired(now time.Time, node string) {
 	for id, l := range c.leases {
 		if !l.inHeap && l.owner != node && !l.valid(now) && !l.sched.Held {
 			l.inHeap = true
-			c.heap.push(id, l.expiry)
+			c.lanes.push(id, l.sched.Destination, l.expiry)
 		}
 	}
 }
 
 // Claim implements store.Backend.
-func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
+func (s *Store) Claim(ctx context.Context, max int, skip []string) ([]store.Claim, error) {
 	if err := s.dir.Failed(); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
 	now := s.now()
 	s.requeueExpired(now, s.node)
-	var taken []store.ID
-	var leases []*store.Lease
-	for len(taken) < max && s.heap.Len() > 0 && !s.heap.top().due.After(now) {
-		id := s.heap.pop()
-		old := s.leases[id]
-		l := s.newLease(id, s.node, s.lease)
-		if old != nil {
-			s.takeOver(l, old)
-		}
-		taken = append(taken, id)
-		leases = append(leases, l.public(id))
+	taken := s.lanes.take(now, max, skipSet(skip))
+	leases := make([]*store.Lease, len(taken))
+	for i, id := range taken {
+		leases[i] = s.leaseTaken(id)
 	}
 	s.mu.Unlock()
+	return s.readClaims(taken, leases)
+}
 
+// ClaimNext implements store.Backend.
+func (s *Store) ClaimNext(ctx context.Context, destination string) (store.Claim, error) {
+	if err := s.dir.Failed(); err != nil {
+		return store.Claim{}, err
+	}
+	s.mu.Lock()
+	s.requeueExpired(s.now(), s.node)
+	id, ok := s.lanes.first(destination)
+	var l *store.Lease
+	if ok {
+		l = s.leaseTaken(id)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return store.Claim{}, store.ErrNotFound
+	}
+	cs, err := s.readClaims([]store.ID{id}, []*store.Lease{l})
+	if err != nil {
+		return store.Claim{}, err
+	}
+	if len(cs) == 0 {
+		return store.Claim{}, store.ErrNotFound
+	}
+	return cs[0], nil
+}
+
+// MakeDue implements store.Backend.
+func (s *Store) MakeDue(ctx context.Context, destination string) (int, error) {
+	s.mu.Lock()
+	n := s.lanes.makeDue(destination, s.now())
+	s.mu.Unlock()
+	if n > 0 {
+		s.kick()
+	}
+	return n, nil
+}
+
+func skipSet(skip []string) map[string]bool {
+	if len(skip) == 0 {
+		return nil
+	}
+	m := make(map[string]bool, len(skip))
+	for _, d := range skip {
+		m[d] = true
+	}
+	return m
+}
+
+// leaseTaken leases id, just taken out of the lanes, to this node; c.mu
+// is held.
+func (s *Store) leaseTaken(id store.ID) *store.Lease {
+	old := s.leases[id]
+	l := s.newLease(id, s.node, s.lease)
+	if old != nil {
+		s.takeOver(l, old)
+	}
+	return l.public(id)
+}
+
+// readClaims reads the metadata of messages just leased; those gone meanwhile
+// (quarantined as they were read, or deleted) are not claimed.
+func (s *Store) readClaims(taken []store.ID, leases []*store.Lease) ([]store.Claim, error) {
 	claims := make([]store.Claim, 0, len(taken))
 	for i, id := range taken {
 		m, err := s.dir.Get(id)
 		if err != nil {
-			// Gone (quarantined as it was read, or deleted): not claimed.
 			s.dropLease(id, leases[i].Token)
 			if errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrCorrupt) {
 				continue
@@ -203,7 +259,7 @@ func (c *core) end(id store.ID, l *lease, sched SchedEntry) store.Request {
 	}
 	delete(c.leases, id)
 	if !sched.Held {
-		c.heap.push(id, sched.NextAttempt)
+		c.lanes.push(id, sched.Destination, sched.NextAttempt)
 		c.kick()
 	}
 	return 0
@@ -301,7 +357,7 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 			continue
 		}
 		if cur.inHeap {
-			s.heap.remove(l.ID)
+			s.lanes.remove(l.ID)
 			cur.inHeap = false
 		}
 		cur.expiry, l.Expiry = expiry, expiry
@@ -328,19 +384,16 @@ func (s *Store) Request(ctx context.Context, id store.ID, r store.Request) error
 	return store.ErrNotLeased
 }
 
-// NextDue implements store.Backend: the earliest due time in the heap, or
-// the earliest expiry of another node's lease that would put its message
-// back there.
-func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
+// NextDue implements store.Backend: the earliest due time in the lanes not
+// skipped, or the earliest expiry of another node's lease that would put
+// its message back there.
+func (s *Store) NextDue(ctx context.Context, skip []string) (time.Time, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var due time.Time
-	ok := false
-	if s.heap.Len() > 0 {
-		due, ok = s.heap.top().due, true
-	}
+	skipped := skipSet(skip)
+	due, ok := s.lanes.next(skipped)
 	for _, l := range s.leases {
-		if !l.inHeap && l.owner != s.node && !l.writing && !l.sched.Held && (!ok || l.expiry.Before(due)) {
+		if !l.inHeap && l.owner != s.node && !l.writing && !l.sched.Held && !skipped[l.sched.Destination] && (!ok || l.expiry.Before(due)) {
 			due, ok = l.expiry, true
 		}
 	}
