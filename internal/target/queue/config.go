@@ -28,9 +28,9 @@ type settings struct {
 	deadAfter              int
 	backoffMin, backoffMax time.Duration
 	// fallbackAfter is fallback_after: tries (fallbackTries) or age.
-	fallbackTries int
-	fallbackAge   time.Duration
-	policy        schedule.Policy
+	fallbackTries  int
+	fallbackAge    time.Duration
+	policy         schedule.Policy
 	hostname       string
 	autogenDomain  string
 	dsnDisplayName string
