@@ -63,6 +63,9 @@ func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.R
 	if _, err := admin.ParseOp(string(op)); err != nil {
 		return res, err
 	}
+	if op == admin.OpRetry {
+		q.liftSuspension(ctx, f)
+	}
 	ids, err := admin.Select(q, f, q.clock.Now())
 	if err != nil {
 		return res, err
@@ -242,6 +245,36 @@ func (q *Queue) Content(m *store.Message) (store.Content, error) {
 
 // Now implements admin.Queue.
 func (q *Queue) Now() time.Time { return q.clock.Now() }
+
+// Suspended implements admin.Queue.
+func (q *Queue) Suspended() []admin.Suspended {
+	var out []admin.Suspended
+	for _, s := range q.dests.Suspended() {
+		a := admin.Suspended{Destination: s.Destination, Since: s.Since, NextProbe: s.NextProbe}
+		if s.Reason != nil {
+			a.Reason = s.Reason.String()
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+// liftSuspension ends the suspension of the destination an operator's
+// retry --to @domain names, and makes its waiting messages due: the
+// operator knows the destination is back.
+func (q *Queue) liftSuspension(ctx context.Context, f admin.Filter) {
+	dest, ok := strings.CutPrefix(f.To, "@")
+	if !ok || !q.dests.Lift(strings.ToLower(dest)) {
+		return
+	}
+	dest = strings.ToLower(dest)
+	n, err := q.store.MakeDue(ctx, dest)
+	if err != nil {
+		q.Log.Error("lifted the suspension of a destination, but its messages could not be made due", err, "destination", dest)
+		return
+	}
+	q.Log.Msg("operator lifted the suspension of a destination", "destination", dest, "messages", n)
+}
 
 // logAdmin writes one log line per operator change: who, what, which.
 func (q *Queue) logAdmin(instance string, op admin.Op, peer admin.Peer, f admin.Filter, res admin.Result) {
