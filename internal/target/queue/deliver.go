@@ -52,6 +52,12 @@ func (q *Queue) attempt(c store.Claim, dec schedule.Decision, delivered func()) 
 		q.cfg.rules().Postpone(m, q.dests.Reason(m.Destination), now, q.rand())
 		q.logOutcomes(m, nil, "postponed: destination suspended")
 		q.settle(q.stopping, c.Lease, m)
+		if q.dests.Reason(m.Destination) == nil {
+			// The suspension ended while this message was being
+			// postponed (a probe succeeded, or an operator lifted it):
+			// its release may have missed this message.
+			q.destinationBack(m.Destination)
+		}
 		return
 	}
 

@@ -37,6 +37,8 @@ type harness struct {
 	clock  *schedule.FakeClock
 	target *testutils.FakeTarget
 	bounce *testutils.FakeTarget
+	// fallback, if set, is the queue's fallback target.
+	fallback *testutils.FakeTarget
 	cfg    settings
 	q      *Queue
 
@@ -107,6 +109,9 @@ func (h *harness) open() {
 	}
 	if h.bounce != nil {
 		q.bounce = h.bounce
+	}
+	if h.fallback != nil {
+		q.fallback = h.fallback
 	}
 	q.onAttemptDone = func(id store.ID) { h.done <- id }
 	// Entries are checked often in real time; whether they expired is

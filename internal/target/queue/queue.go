@@ -285,10 +285,14 @@ const statsTimeout = 5 * time.Second
 // Gauges implements metrics.Source.
 func (q *Queue) Gauges() metrics.Gauges {
 	g := metrics.Gauges{
-		Now:         q.clock.Now(),
-		MinFree:     q.cfg.minFreeSpace,
-		StoreFailed: q.store.Failed() != nil,
-		InFlight:    int64(q.flights.len()),
+		Now:                 q.clock.Now(),
+		MinFree:             q.cfg.minFreeSpace,
+		StoreFailed:         q.store.Failed() != nil,
+		InFlight:            int64(q.flights.len()),
+		DestinationInFlight: q.dests.InFlight(),
+	}
+	for _, s := range q.dests.Suspended() {
+		g.Suspended = append(g.Suspended, s.Destination)
 	}
 	if q.cfg.store.kind == storeEmbedded {
 		if free, err := q.freeSpace(); err == nil {

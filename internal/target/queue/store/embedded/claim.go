@@ -33,6 +33,10 @@ type lease struct {
 	// inHeap is set once an expired lease's message was put back in the
 	// due heap.
 	inHeap bool
+	// due is when the message was due when this lease took it out of the
+	// lanes: a Release puts it back at that time (which MakeDue may have
+	// made earlier than the stored next attempt).
+	due time.Time
 }
 
 func (l *lease) public(id store.ID) *store.Lease {
@@ -44,7 +48,7 @@ func (c *core) newLease(id store.ID, owner string, d time.Duration) *lease {
 	c.token++
 	l := &lease{owner: owner, token: c.token, expiry: c.now().Add(d)}
 	c.leases[id] = l
-	c.lanes.remove(id)
+	l.due = c.lanes.remove(id)
 	return l
 }
 
@@ -79,13 +83,14 @@ func (s *Store) Claim(ctx context.Context, max int, skip []string) ([]store.Clai
 	s.mu.Lock()
 	now := s.now()
 	s.requeueExpired(now, s.node)
-	taken := s.lanes.take(now, max, skipSet(skip))
-	leases := make([]*store.Lease, len(taken))
-	for i, id := range taken {
-		leases[i] = s.leaseTaken(id)
+	took := s.lanes.take(now, max, skipSet(skip))
+	ids := make([]store.ID, len(took))
+	leases := make([]*store.Lease, len(took))
+	for i, t := range took {
+		ids[i], leases[i] = t.id, s.leaseTaken(t)
 	}
 	s.mu.Unlock()
-	return s.readClaims(taken, leases)
+	return s.readClaims(ids, leases)
 }
 
 // ClaimNext implements store.Backend.
@@ -95,16 +100,16 @@ func (s *Store) ClaimNext(ctx context.Context, destination string) (store.Claim,
 	}
 	s.mu.Lock()
 	s.requeueExpired(s.now(), s.node)
-	id, ok := s.lanes.first(destination)
+	t, ok := s.lanes.first(destination)
 	var l *store.Lease
 	if ok {
-		l = s.leaseTaken(id)
+		l = s.leaseTaken(t)
 	}
 	s.mu.Unlock()
 	if !ok {
 		return store.Claim{}, store.ErrNotFound
 	}
-	cs, err := s.readClaims([]store.ID{id}, []*store.Lease{l})
+	cs, err := s.readClaims([]store.ID{t.id}, []*store.Lease{l})
 	if err != nil {
 		return store.Claim{}, err
 	}
@@ -136,15 +141,16 @@ func skipSet(skip []string) map[string]bool {
 	return m
 }
 
-// leaseTaken leases id, just taken out of the lanes, to this node; c.mu
-// is held.
-func (s *Store) leaseTaken(id store.ID) *store.Lease {
-	old := s.leases[id]
-	l := s.newLease(id, s.node, s.lease)
+// leaseTaken leases t, just taken out of the lanes, to this node; c.mu is
+// held.
+func (s *Store) leaseTaken(t taken) *store.Lease {
+	old := s.leases[t.id]
+	l := s.newLease(t.id, s.node, s.lease)
+	l.due = t.due
 	if old != nil {
 		s.takeOver(l, old)
 	}
-	return l.public(id)
+	return l.public(t.id)
 }
 
 // readClaims reads the metadata of messages just leased; those gone meanwhile
@@ -241,9 +247,10 @@ func (c *core) holding(l *store.Lease) (*lease, error) {
 
 // end finishes a holder's write: with the request recorded meanwhile the
 // lease is kept (and the request returned, once); otherwise the lease ends
-// and the message, unless held, waits in the heap for sched's due time.
-// The figures move from the lease's old state to sched. c.mu is held.
-func (c *core) end(id store.ID, l *lease, sched SchedEntry) store.Request {
+// and the message, unless held, waits in the lanes for sched's due time,
+// or (released unchanged) for the time it was due when it was taken. The
+// figures move from the lease's old state to sched. c.mu is held.
+func (c *core) end(id store.ID, l *lease, sched SchedEntry, released bool) store.Request {
 	l.writing = false
 	if l.receiving {
 		l.receiving = false
@@ -259,7 +266,11 @@ func (c *core) end(id store.ID, l *lease, sched SchedEntry) store.Request {
 	}
 	delete(c.leases, id)
 	if !sched.Held {
-		c.lanes.push(id, sched.Destination, sched.NextAttempt)
+		due := sched.NextAttempt
+		if released && !l.due.IsZero() && l.due.Before(due) {
+			due = l.due
+		}
+		c.lanes.push(id, sched.Destination, due)
 		c.kick()
 	}
 	return 0
@@ -296,7 +307,7 @@ func (s *Store) Save(ctx context.Context, l *store.Lease, m *store.Message) (sto
 		}
 		return 0, err
 	}
-	return s.end(l.ID, cur, schedOf(m)), nil
+	return s.end(l.ID, cur, schedOf(m), false), nil
 }
 
 // Commit implements store.Backend.
@@ -312,7 +323,7 @@ func (s *Store) Release(ctx context.Context, l *store.Lease) (store.Request, err
 	if err != nil {
 		return 0, err
 	}
-	return s.end(l.ID, cur, cur.sched), nil
+	return s.end(l.ID, cur, cur.sched, true), nil
 }
 
 // Delete implements store.Backend.

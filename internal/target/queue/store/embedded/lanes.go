@@ -51,15 +51,18 @@ func (ls *lanes) push(id store.ID, dest string, due time.Time) {
 	}
 }
 
-// remove makes id not claimable.
-func (ls *lanes) remove(id store.ID) {
+// remove makes id not claimable and returns the time it was due at
+// (zero if it was not in the lanes).
+func (ls *lanes) remove(id store.ID) time.Time {
 	l := ls.where[id]
 	if l == nil {
-		return
+		return time.Time{}
 	}
+	due := l.due.index[id].due
 	delete(ls.where, id)
 	l.due.remove(id)
 	ls.settle(l)
+	return due
 }
 
 // settle puts l back in order after its heap changed, or drops it empty.
@@ -72,10 +75,16 @@ func (ls *lanes) settle(l *lane) {
 	heap.Fix(&ls.order, l.pos)
 }
 
+// taken is a message taken out of the lanes, with the time it was due.
+type taken struct {
+	id  store.ID
+	due time.Time
+}
+
 // take pops up to max messages due at now, earliest first, from the
 // lanes not in skip.
-func (ls *lanes) take(now time.Time, max int, skip map[string]bool) []store.ID {
-	var out []store.ID
+func (ls *lanes) take(now time.Time, max int, skip map[string]bool) []taken {
+	var out []taken
 	var skipped []*lane
 	for len(out) < max && ls.order.Len() > 0 {
 		l := ls.order[0]
@@ -86,9 +95,10 @@ func (ls *lanes) take(now time.Time, max int, skip map[string]bool) []store.ID {
 			skipped = append(skipped, heap.Pop(&ls.order).(*lane))
 			continue
 		}
+		due := l.due.top().due
 		id := l.due.pop()
 		delete(ls.where, id)
-		out = append(out, id)
+		out = append(out, taken{id, due})
 		ls.settle(l)
 	}
 	for _, l := range skipped {
@@ -116,15 +126,16 @@ func (ls *lanes) next(skip map[string]bool) (time.Time, bool) {
 }
 
 // first pops the message of dest that is due first, whatever its time.
-func (ls *lanes) first(dest string) (store.ID, bool) {
+func (ls *lanes) first(dest string) (taken, bool) {
 	l := ls.byDest[dest]
 	if l == nil {
-		return 0, false
+		return taken{}, false
 	}
+	due := l.due.top().due
 	id := l.due.pop()
 	delete(ls.where, id)
 	ls.settle(l)
-	return id, true
+	return taken{id, due}, true
 }
 
 // makeDue moves every message of dest due later than now to now.
