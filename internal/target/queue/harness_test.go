@@ -39,8 +39,8 @@ type harness struct {
 	bounce *testutils.FakeTarget
 	// fallback, if set, is the queue's fallback target.
 	fallback *testutils.FakeTarget
-	cfg    settings
-	q      *Queue
+	cfg      settings
+	q        *Queue
 
 	// wrapStore, if set, wraps the store the next open runs on;
 	// noWaitLoad makes open return before the stored schedule is loaded.
