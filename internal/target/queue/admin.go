@@ -63,9 +63,6 @@ func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.R
 	if _, err := admin.ParseOp(string(op)); err != nil {
 		return res, err
 	}
-	if op == admin.OpRetry {
-		q.liftSuspension(ctx, f)
-	}
 	ids, err := admin.Select(q, f, q.clock.Now())
 	if err != nil {
 		return res, err
@@ -191,6 +188,7 @@ func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Messa
 			o, detail = admin.Unchanged, "no recipient pending"
 		default:
 			m.NextAttempt, detail = now, "due now"
+			q.liftSuspension(m.Destination)
 		}
 	case admin.OpDelete:
 		if err := q.store.Delete(ctx, l); err != nil {
@@ -259,21 +257,16 @@ func (q *Queue) Suspended() []admin.Suspended {
 	return out
 }
 
-// liftSuspension ends the suspension of the destination an operator's
-// retry --to @domain names, and makes its waiting messages due: the
-// operator knows the destination is back.
-func (q *Queue) liftSuspension(ctx context.Context, f admin.Filter) {
-	dest, ok := strings.CutPrefix(f.To, "@")
-	if !ok || !q.dests.Lift(strings.ToLower(dest)) {
-		return
+// liftSuspension ends the suspension of the destination of a message an
+// operator retries: the operator says the destination is back, so the
+// retried message goes out at once instead of waiting for the next probe.
+// If it is delivered, the destination's other waiting messages follow
+// (see destinationBack); if it fails, the destination is suspended again
+// after dead_destination_after failures.
+func (q *Queue) liftSuspension(dest string) {
+	if q.dests.Lift(dest) {
+		q.Log.Msg("operator lifted the suspension of a destination", "destination", dest)
 	}
-	dest = strings.ToLower(dest)
-	n, err := q.store.MakeDue(ctx, dest)
-	if err != nil {
-		q.Log.Error("lifted the suspension of a destination, but its messages could not be made due", err, "destination", dest)
-		return
-	}
-	q.Log.Msg("operator lifted the suspension of a destination", "destination", dest, "messages", n)
 }
 
 // logAdmin writes one log line per operator change: who, what, which.

@@ -196,38 +196,53 @@ func TestDeadDestinationSuspendedProbedAndReleased(t *testing.T) {
 	h.assertGauges(0, 0)
 }
 
-// TestRetryLiftsSuspension: `maddy spool retry --to @domain` ends a
-// suspension and makes the destination's mail due now.
+// TestRetryLiftsSuspension: an operator's retry of a suspended
+// destination's mail ends the suspension and sends the mail now, whether
+// the retry names the domain or selects everything, and with destination
+// single (the whole next hop suspended) too.
 func TestRetryLiftsSuspension(t *testing.T) {
-	h, down, _ := deadDestinationHarness(t, nil)
-	for i := 0; i < 6; i++ {
-		h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@dead.test", i)), smtp.MailOptions{})
-	}
-	waitFor(t, func() bool {
-		done := 0
-		for _, m := range h.queued() {
-			if m.Postponed == 1 || m.Rcpts[0].Tries == 1 {
-				done++
+	for _, tc := range []struct {
+		name   string
+		dests  destinationMode
+		filter admin.Filter
+	}{
+		{"domain, --to @domain", destinationDomain, admin.Filter{To: "@dead.test"}},
+		{"domain, --all", destinationDomain, admin.Filter{}},
+		{"single, --all", destinationSingle, admin.Filter{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, down, _ := deadDestinationHarness(t, func(h *harness) { h.cfg.destinations = tc.dests })
+			for i := 0; i < 6; i++ {
+				h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@dead.test", i)), smtp.MailOptions{})
 			}
-		}
-		return done == 6 && h.q.flights.len() == 0
-	})
-	if len(h.q.Suspended()) != 1 {
-		t.Fatal("not suspended")
-	}
-	down.Store(false)
-	// The lift makes the destination's mail due at once: some of it may
-	// be in flight by the time the retry reaches it.
-	if res := h.apply(admin.OpRetry, admin.Filter{To: "@dead.test"}); res.Matched != 6 || res.Failed != 0 {
-		t.Fatalf("retry: %+v", res)
-	}
-	if len(h.q.Suspended()) != 0 {
-		t.Fatalf("still suspended: %+v", h.q.Suspended())
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if _, err := h.target.WaitDelivered(ctx, 6); err != nil {
-		t.Fatalf("after the retry: %v", err)
+			waitFor(t, func() bool {
+				done := 0
+				for _, m := range h.queued() {
+					if m.Postponed == 1 || m.Rcpts[0].Tries == 1 {
+						done++
+					}
+				}
+				return done == 6 && h.q.flights.len() == 0
+			})
+			if len(h.q.Suspended()) != 1 {
+				t.Fatal("not suspended")
+			}
+			down.Store(false)
+			// The lift lets the dispatcher send the first retried
+			// message at once: some may be in flight by the time the
+			// retry reaches them.
+			if res := h.apply(admin.OpRetry, tc.filter); res.Matched != 6 || res.Failed != 0 {
+				t.Fatalf("retry: %+v", res)
+			}
+			if len(h.q.Suspended()) != 0 {
+				t.Fatalf("still suspended: %+v", h.q.Suspended())
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			if _, err := h.target.WaitDelivered(ctx, 6); err != nil {
+				t.Fatalf("after the retry: %v", err)
+			}
+		})
 	}
 }
 
