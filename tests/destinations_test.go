@@ -192,6 +192,24 @@ func (e *env) waitStats(what string, cond func(admin.Stats) bool) admin.Stats {
 	}
 }
 
+// waitSettled waits until the queue holds n messages of one recipient
+// each, every one attempted or postponed (it has a last error) and none in
+// flight.
+func (e *env) waitSettled(n int) {
+	e.t.Helper()
+	e.waitQueue(fmt.Sprintf("%d settled messages", n), func(q map[string]admin.MessageInfo) bool {
+		if len(q) != n {
+			return false
+		}
+		for _, mi := range q {
+			if mi.InFlight || len(mi.Pending) != 1 || mi.Pending[0].LastError == "" {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 // outcome is one "recipient outcome" log line's fields.
 type outcome map[string]any
 
@@ -496,18 +514,7 @@ func TestRetryLiftsSuspension(t *testing.T) {
 		s, ok := suspended(st, "dead.test")
 		return ok && s.NextProbe.After(time.Now().Add(30*time.Second))
 	})
-	// Every message is attempted or postponed (none in flight, none new).
-	e.waitQueue("every message settled", func(q map[string]admin.MessageInfo) bool {
-		if len(q) != messages {
-			return false
-		}
-		for _, mi := range q {
-			if mi.InFlight || len(mi.Pending) != 1 || mi.Pending[0].LastError == "" {
-				return false
-			}
-		}
-		return true
-	})
+	e.waitSettled(messages)
 
 	sink.ClearDomain("dead.test")
 	start := time.Now()
@@ -557,17 +564,7 @@ func TestRetryLiftsWholeTargetSuspension(t *testing.T) {
 		return len(st.Suspended) == 1 && st.Suspended[0].NextProbe.After(time.Now().Add(30*time.Second))
 	})
 	t.Logf("suspended: %+v", st.Suspended[0])
-	e.waitQueue("every message settled", func(q map[string]admin.MessageInfo) bool {
-		if len(q) != messages {
-			return false
-		}
-		for _, mi := range q {
-			if mi.InFlight || len(mi.Pending) != 1 || mi.Pending[0].LastError == "" {
-				return false
-			}
-		}
-		return true
-	})
+	e.waitSettled(messages)
 
 	sink.ClearDomain("x.test")
 	start := time.Now()
