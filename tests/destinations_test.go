@@ -41,9 +41,8 @@ type destOpts struct {
 
 // newDestEnv starts a server on writeConfig's configuration with
 // destination domain (unless o says otherwise), max_parallelism destParallel and
-// max_parallelism_per_destination destLimit, retrying with other ports if
-// the one picked was taken meanwhile. It has no metrics endpoint; `maddy
-// spool` reaches it through its control socket.
+// max_parallelism_per_destination destLimit. It has no metrics endpoint;
+// `maddy spool` reaches it through its control socket.
 func newDestEnv(t *testing.T, sink *testutils.SMTPSink, o destOpts) *env {
 	t.Helper()
 	if o.maxTries == "" {
@@ -57,35 +56,20 @@ func newDestEnv(t *testing.T, sink *testutils.SMTPSink, o destOpts) *env {
 			t.Logf("sink per domain:\n%s", sink.DescribeDomains())
 		}
 	})
-	e := &env{t: t, sink: sink}
-	for try := 1; ; try++ {
-		e.p = params{
-			Dir: t.TempDir(), SMTPPort: freePorts(t, 1)[0], SinkPort: sink.Port(),
-			Retry: o.retry, MaxTries: o.maxTries,
-			Extra: append([]string{
-				"destination " + o.destination,
-				fmt.Sprintf("max_parallelism %d", destParallel),
-				fmt.Sprintf("max_parallelism_per_destination %d", destLimit),
-			}, o.queue...),
-		}
-		e.cfg = writeConfig(t, e.p)
+	return startEnv(t, sink, func(p *params) string {
+		p.MetricsPort = 0
+		p.Retry, p.MaxTries = o.retry, o.maxTries
+		p.Extra = append([]string{
+			"destination " + o.destination,
+			fmt.Sprintf("max_parallelism %d", destParallel),
+			fmt.Sprintf("max_parallelism_per_destination %d", destLimit),
+		}, o.queue...)
+		cfg := writeConfig(t, *p)
 		if o.blocks != "" {
-			patchConfig(t, e.cfg, "target.smtp next_hop {", o.blocks+"\n\ntarget.smtp next_hop {")
+			patchConfig(t, cfg, "target.smtp next_hop {", o.blocks+"\n\ntarget.smtp next_hop {")
 		}
-		s, err := launch(t, "--config", e.cfg, "run")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err = s.findLog(e.readyLine(), waitTimeout); err == nil {
-			e.srv = s
-			return e
-		}
-		s.kill()
-		if try < 3 && s.countLog("address already in use") > 0 {
-			continue
-		}
-		t.Fatal(err)
-	}
+		return cfg
+	})
 }
 
 // down is the reply of a domain whose servers are down.
@@ -538,18 +522,12 @@ func TestRetryLiftsSuspension(t *testing.T) {
 }
 
 // TestRetryLiftsWholeTargetSuspension: with destination single (what
-// auto means for target.smtp), the whole next hop is one destination, and
-// it is suspended like a domain once it has failed dead_destination_after
-// attempts in a row. The next hop is back and the operator retries every
-// message: the mail should go out at once, as `retry --to @domain` gets it
-// out for a suspended domain, rather than be postponed until the next
-// probe a minute later.
-//
-// It fails on the product as it is: retry lifts a suspension only when
-// its selection is --to @DOMAIN and DOMAIN is the suspended destination,
-// which the whole-target destination "" never is; the retried messages
-// are claimed, found suspended and postponed again (see the report of the
-// i12-e2e branch for a patch).
+// auto means for target.smtp), the whole next hop is one destination,
+// shown as "*", and it is suspended like a domain once it has failed
+// dead_destination_after attempts in a row. The next hop is back and the
+// operator retries every message: the mail goes out at once, as `retry
+// --to @domain` gets it out for a suspended domain, rather than being
+// postponed until the next probe a minute later.
 func TestRetryLiftsWholeTargetSuspension(t *testing.T) {
 	t.Parallel()
 	const messages = 3
@@ -564,6 +542,9 @@ func TestRetryLiftsWholeTargetSuspension(t *testing.T) {
 		return len(st.Suspended) == 1 && st.Suspended[0].NextProbe.After(time.Now().Add(30*time.Second))
 	})
 	t.Logf("suspended: %+v", st.Suspended[0])
+	if st.Suspended[0].Destination != "*" {
+		t.Errorf("the whole next hop is listed as %q, want *", st.Suspended[0].Destination)
+	}
 	e.waitSettled(messages)
 
 	sink.ClearDomain("x.test")

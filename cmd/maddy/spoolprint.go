@@ -256,7 +256,8 @@ func printStats(w io.Writer, s admin.Stats) error {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", clean(d.Destination, 100), when(d.Since), next, clean(d.Reason, 200))
 		}
 		tw.Flush()
-		fmt.Fprintln(w, "  (maddy spool retry --to @DOMAIN lifts a suspension)")
+		fmt.Fprintln(w, "  (* is the whole next hop; maddy spool retry or release of a destination's mail lifts its suspension,")
+		fmt.Fprintln(w, "  e.g. maddy spool retry --to @DOMAIN, or retry --all for *)")
 	}
 	fmt.Fprintln(w)
 	return nil

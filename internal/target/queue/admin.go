@@ -180,6 +180,7 @@ func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Messa
 			break
 		}
 		m.Held, m.NextAttempt, detail = false, now, "released, due now"
+		q.liftSuspension(m.Destination)
 	case admin.OpRetry:
 		switch {
 		case m.Held:
@@ -248,7 +249,7 @@ func (q *Queue) Now() time.Time { return q.clock.Now() }
 func (q *Queue) Suspended() []admin.Suspended {
 	var out []admin.Suspended
 	for _, s := range q.dests.Suspended() {
-		a := admin.Suspended{Destination: s.Destination, Since: s.Since, NextProbe: s.NextProbe}
+		a := admin.Suspended{Destination: destinationName(s.Destination), Since: s.Since, NextProbe: s.NextProbe}
 		if s.Reason != nil {
 			a.Reason = s.Reason.String()
 		}
@@ -258,14 +259,14 @@ func (q *Queue) Suspended() []admin.Suspended {
 }
 
 // liftSuspension ends the suspension of the destination of a message an
-// operator retries: the operator says the destination is back, so the
-// retried message goes out at once instead of waiting for the next probe.
+// operator retries or releases: the operator asks for the message to go
+// now, so it goes out at once instead of waiting for the next probe.
 // If it is delivered, the destination's other waiting messages follow
 // (see destinationBack); if it fails, the destination is suspended again
 // after dead_destination_after failures.
 func (q *Queue) liftSuspension(dest string) {
 	if q.dests.Lift(dest) {
-		q.Log.Msg("operator lifted the suspension of a destination", "destination", dest)
+		q.Log.Msg("operator lifted the suspension of a destination", "destination", destinationName(dest))
 	}
 }
 

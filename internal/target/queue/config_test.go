@@ -99,7 +99,7 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	c := q.cfg
 	if c.maxParallelism != 100 || c.perDestination != 20 || c.destinations != destinationSingle || c.deadAfter != 5 ||
-		c.backoffMin != 10*time.Second || c.backoffMax != time.Minute || c.fallbackTries != 0 || c.policy.MaxTries != 20 || c.policy.MaxAge != 48*time.Hour ||
+		c.backoffMin != 10*time.Second || c.backoffMax != 30*time.Second || c.fallbackTries != 0 || c.policy.MaxTries != 20 || c.policy.MaxAge != 48*time.Hour ||
 		c.delayWarning != 4*time.Hour || c.hostname != "mx.example.org" || c.successAction != "relayed" ||
 		c.minFreeSpace != defaultMinFreeSpace || c.returnSizeLimit != 10<<20 || c.delayRepeat != 0 {
 		t.Fatalf("settings %+v", c)

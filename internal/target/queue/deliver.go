@@ -76,7 +76,11 @@ func (q *Queue) attempt(c store.Claim, dec schedule.Decision, delivered func()) 
 	if err == nil && !useFallback {
 		outcome, reason = destinationOutcome(a)
 	}
-	if q.dests.Done(m.Destination, dec, outcome, reason) {
+	switch q.dests.Done(m.Destination, dec, outcome, reason) {
+	case schedule.Suspended:
+		q.Log.Msg("destination suspended as dead: its mail waits for a probe to succeed", "destination", destinationName(m.Destination),
+			"failures", q.cfg.deadAfter, "reason", reason.String())
+	case schedule.Recovered:
 		q.destinationBack(m.Destination)
 	}
 	delivered()
@@ -136,10 +140,10 @@ func destinationOutcome(a fate.Attempt) (schedule.Outcome, *store.SMTPStatus) {
 func (q *Queue) destinationBack(dest string) {
 	n, err := q.store.MakeDue(context.Background(), dest)
 	if err != nil {
-		q.Log.Error("destination answers again, but its waiting messages could not be made due; they follow their own retry times", err, "destination", dest)
+		q.Log.Error("destination answers again, but its waiting messages could not be made due; they follow their own retry times", err, "destination", destinationName(dest))
 		return
 	}
-	q.Log.Msg("destination answers again; releasing the messages waiting for it", "destination", dest, "messages", n)
+	q.Log.Msg("destination answers again; releasing the messages waiting for it", "destination", destinationName(dest), "messages", n)
 }
 
 // endCancelled saves the recipients an attempt cancelled by shutdown (or
@@ -291,7 +295,7 @@ func (q *Queue) logOutcomes(m *store.Message, idxs []int, note string) {
 			status = "failed"
 		}
 		args := []interface{}{"queue_id", m.ID.String(), "message_id", m.HeaderMsgID, "msg_id", m.MsgID,
-			"rcpt", rc.Addr, "destination", m.Destination, "tries", rc.Tries, "queued", m.Arrival.UTC().Format(time.RFC3339),
+			"rcpt", rc.Addr, "destination", destinationName(m.Destination), "tries", rc.Tries, "queued", m.Arrival.UTC().Format(time.RFC3339),
 			"status", status}
 		if e := rc.LastError; e != nil && rc.State != store.RcptDelivered {
 			args = append(args, "smtp_code", e.Code, "smtp_enchcode", fmt.Sprintf("%d.%d.%d", e.Enhanced[0], e.Enhanced[1], e.Enhanced[2]), "reason", e.Message)

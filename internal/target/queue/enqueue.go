@@ -133,6 +133,19 @@ func (d *delivery) store(ctx context.Context, m *store.Message, header []byte, b
 	return d.q.store.Create(ctx, m, header, r, int64(body.Len()))
 }
 
+// wholeTarget is how operators see the one destination of a queue with
+// destination single, stored as "": in stats, metrics and logs. No
+// domain is named "*".
+const wholeTarget = "*"
+
+// destinationName is the name operators see for dest.
+func destinationName(dest string) string {
+	if dest == "" {
+		return wholeTarget
+	}
+	return dest
+}
+
 // destinationGroup is the recipients of one destination.
 type destinationGroup struct {
 	dest  string

@@ -289,10 +289,13 @@ func (q *Queue) Gauges() metrics.Gauges {
 		MinFree:             q.cfg.minFreeSpace,
 		StoreFailed:         q.store.Failed() != nil,
 		InFlight:            int64(q.flights.len()),
-		DestinationInFlight: q.dests.InFlight(),
+		DestinationInFlight: map[string]int{},
+	}
+	for dest, n := range q.dests.InFlight() {
+		g.DestinationInFlight[destinationName(dest)] = n
 	}
 	for _, s := range q.dests.Suspended() {
-		g.Suspended = append(g.Suspended, s.Destination)
+		g.Suspended = append(g.Suspended, destinationName(s.Destination))
 	}
 	if q.cfg.store.kind == storeEmbedded {
 		if free, err := q.freeSpace(); err == nil {

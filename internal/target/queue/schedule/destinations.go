@@ -192,22 +192,36 @@ func (d *Destinations) NextProbe() (time.Time, bool) {
 // Freed receives a value when an attempt ends.
 func (d *Destinations) Freed() <-chan struct{} { return d.freed }
 
+// Change is what the end of an attempt changed in its destination's state.
+type Change uint8
+
+const (
+	// Unchanged: the destination stays as it was (suspended or not).
+	Unchanged Change = iota
+	// Suspended: the destination has just been suspended as dead.
+	Suspended
+	// Recovered: the destination has just come back from a suspension;
+	// every message waiting for it should be made due now.
+	Recovered
+)
+
 // Done records the end of an attempt (or probe) of dest admitted with
 // decision, with what it says about the destination; reason is its
-// failure, for the operators. It returns true when the destination came
-// back from a suspension: every message waiting for it should be made due
-// now.
-func (d *Destinations) Done(dest string, decision Decision, o Outcome, reason *store.SMTPStatus) (recovered bool) {
+// failure, for the operators. It returns how the destination's state
+// changed.
+func (d *Destinations) Done(dest string, decision Decision, o Outcome, reason *store.SMTPStatus) (change Change) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if decision != Attempt && decision != Probe {
-		return false
+		return Unchanged
 	}
 	d.endLocked(dest)
 	st := d.state[dest]
 	switch o {
 	case Answered:
-		recovered = st != nil && !st.until.IsZero()
+		if st != nil && !st.until.IsZero() {
+			change = Recovered
+		}
 		delete(d.state, dest)
 	case Failed:
 		if st == nil {
@@ -227,6 +241,7 @@ func (d *Destinations) Done(dest string, decision Decision, o Outcome, reason *s
 				now := d.now()
 				st.backoff = d.rules.BackoffMin
 				st.since, st.until, st.reason = now, now.Add(st.backoff), reason
+				change = Suspended
 			}
 		}
 	default:
@@ -235,7 +250,7 @@ func (d *Destinations) Done(dest string, decision Decision, o Outcome, reason *s
 			st.probing = false
 		}
 	}
-	return recovered
+	return change
 }
 
 // endLocked counts one attempt of dest less in flight; d.mu is held.

@@ -80,13 +80,17 @@ func TestDestinationProbes(t *testing.T) {
 	d := NewDestinations(rules, clock.Now)
 	d.Admit("a.test")
 	d.Admit("a.test") // in flight when the destination is suspended
-	d.Done("a.test", Attempt, Failed, refused)
+	if got := d.Done("a.test", Attempt, Failed, refused); got != Suspended {
+		t.Fatalf("the failure that reaches dead_destination_after: %v, want Suspended", got)
+	}
 	if got := d.Admit("a.test"); got != Postpone {
 		t.Fatalf("a message of a suspended destination: %v, want Postpone", got)
 	}
 	// The attempt that started before the suspension fails too: nothing
 	// new, the suspension stays as it is.
-	d.Done("a.test", Attempt, Failed, refused)
+	if got := d.Done("a.test", Attempt, Failed, refused); got != Unchanged {
+		t.Fatalf("an attempt that started before the suspension: %v, want Unchanged", got)
+	}
 	if next, _ := d.NextProbe(); !next.Equal(t0.Add(10 * time.Second)) {
 		t.Fatalf("NextProbe %v", next)
 	}
@@ -106,7 +110,7 @@ func TestDestinationProbes(t *testing.T) {
 		if skip := d.Skip(); !slices.Equal(skip, []string{"a.test"}) {
 			t.Fatalf("round %d: Skip while probing = %v", i, skip)
 		}
-		if d.Done("a.test", Probe, Failed, refused) {
+		if d.Done("a.test", Probe, Failed, refused) != Unchanged {
 			t.Fatal("a failed probe recovered the destination")
 		}
 		if next, _ := d.NextProbe(); !next.Equal(clock.Now().Add(wantBackoff)) {
@@ -116,7 +120,7 @@ func TestDestinationProbes(t *testing.T) {
 	next, _ := d.NextProbe()
 	clock.Advance(next.Sub(clock.Now()))
 	d.Probes(10)
-	if !d.Done("a.test", Probe, Answered, nil) {
+	if d.Done("a.test", Probe, Answered, nil) != Recovered {
 		t.Fatal("a successful probe did not recover the destination")
 	}
 	if sus := d.Suspended(); len(sus) != 0 {
