@@ -1,0 +1,281 @@
+//go:build unix
+
+package tests
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/maddy-spool/spool/internal/target/queue/admin"
+	"github.com/maddy-spool/spool/internal/testutils"
+)
+
+// The cluster tests run several maddy processes whose target.spool blocks
+// share one PostgreSQL database (store postgres, lease 10s), each
+// delivering to its own sink (see clusterSink), and check what the shared
+// store promises: a dead or cut-off node's mail is taken over by the
+// others within a lease, at the cost of at most the attempts it had in
+// flight; a database outage refuses new mail with 451 4.3.0 and loses
+// nothing; any node operates on the whole queue.
+
+// clusterSender is the envelope sender of the cluster tests' mail; its
+// DSNs come back to it through the sinks.
+const clusterSender = "sender@origin.test"
+
+// greylist is the cluster tests' next-hop policy: the first try of every
+// recipient is deferred (451), wherever it is made; recipients at
+// early.fail.test are refused (550) from the start, those at
+// late.fail.test from their second try.
+func greylist(stage, rcpt string, try int) *smtp.SMTPError {
+	if stage != testutils.StageRCPT {
+		return nil
+	}
+	rcpt = strings.ToLower(rcpt)
+	switch {
+	case strings.HasSuffix(rcpt, "@early.fail.test"):
+		return testutils.SinkReply(550, [3]int{5, 1, 1}, "no such mailbox (early)")
+	case try == 1:
+		return testutils.SinkReply(451, [3]int{4, 4, 1}, "greylisted, try again")
+	case strings.HasSuffix(rcpt, "@late.fail.test"):
+		return testutils.SinkReply(550, [3]int{5, 1, 1}, "no such mailbox (late)")
+	}
+	return nil
+}
+
+// submitAll submits each message to its node and fails the test unless
+// every one is accepted.
+func submitAll(t *testing.T, nodes map[string]*node, msgs []sentMsg) {
+	t.Helper()
+	for _, m := range msgs {
+		rcpts := m.rcpts()
+		res := submitTx(nodes[m.node].smtpAddr(), clusterSender, rcpts, newMessage(clusterSender, rcpts, m.id, testBody(m.id)), waitTimeout)
+		if !res.Accepted {
+			t.Fatalf("message %s to node %s not accepted at %s: %v", m.id, m.node, res.Stage, res.Err)
+		}
+	}
+}
+
+// queueIDsByRcpt maps each pending recipient of a listing to its queue
+// entry.
+func queueIDsByRcpt(list []admin.MessageInfo) map[string]admin.MessageInfo {
+	out := map[string]admin.MessageInfo{}
+	for _, mi := range list {
+		for _, r := range mi.Pending {
+			out[strings.ToLower(r.Addr)] = mi
+		}
+	}
+	return out
+}
+
+// TestClusterNodeKilled: three nodes share the queue; the next hop defers
+// every recipient's first try and then holds the DATA stage of every
+// node's second tries, so each node has max_parallelism attempts in
+// flight. One node is killed with SIGKILL and not restarted. The two
+// others must deliver every accepted recipient within the lease plus 10
+// seconds of the kill; repeated deliveries are bounded by what the dead
+// node held (its leases as `spool list` showed them, which must match its
+// attempts_in_flight); each permanent failure is reported by exactly one
+// DSN. The node killed is the one exporting the cluster-wide gauges;
+// afterwards exactly one survivor does.
+func TestClusterNodeKilled(t *testing.T) {
+	t.Parallel()
+	const (
+		maxPar = 3
+		nMsgs  = 24
+	)
+	pg := newPG(t)
+	dsn := createDB(t, pg, "spool")
+	cs := newClusterSink(t, greylist)
+	names := []string{"n1", "n2", "n3"}
+	nodes := map[string]*node{}
+	for _, name := range names {
+		nodes[name] = startNode(t, cs, dsn, name, func(p *params) {
+			p.Retry, p.MaxTries = "1s", "20"
+			p.Extra = append(p.Extra, fmt.Sprintf("max_parallelism %d", maxPar))
+		})
+	}
+	// The victim is the node exporting the cluster-wide gauges, so that
+	// the role is seen to pass on.
+	victim := nodes[waitOneReporter(t, nodes["n1"], nodes["n2"], nodes["n3"])]
+	var survivors []*node
+	var survivorNames []string
+	for _, name := range names {
+		if name != victim.name {
+			survivors = append(survivors, nodes[name])
+			survivorNames = append(survivorNames, name)
+		}
+	}
+	t.Logf("victim: %s, the reporter of the cluster-wide gauges", victim.name)
+
+	// Every node's second tries wait at the DATA stage until the kill.
+	cs.hold(names...)
+	var msgs []sentMsg
+	for i := 0; i < nMsgs; i++ {
+		m := sentMsg{id: msgID(t, i), node: names[i%len(names)]}
+		m.good = append(m.good, fmt.Sprintf("m%d.a@remote.test", i))
+		if i%2 == 0 {
+			m.good = append(m.good, fmt.Sprintf("m%d.b@remote.test", i))
+		}
+		// Every message owes a report that the node delivering its second
+		// try sends: for the dead node's messages, a survivor must send it,
+		// once.
+		m.fail = append(m.fail, fmt.Sprintf("m%d@late.fail.test", i))
+		if i%4 == 1 {
+			m.fail = append(m.fail, fmt.Sprintf("m%d@early.fail.test", i))
+		}
+		msgs = append(msgs, m)
+	}
+	submitAll(t, nodes, msgs)
+
+	// The victim has max_parallelism attempts waiting at the next hop, and
+	// nothing else in flight: no delivery slot is free for a new claim, and
+	// no attempt is sending a report.
+	cs.waitHeld(victim.name, maxPar)
+	inFlight := victim.waitMetric("maddy_spool_attempts_in_flight", eq(maxPar))
+	list := survivors[0].listJSON()
+	var (
+		victimHeld []admin.MessageInfo
+		owners     = map[string]int{}
+		bound      int
+	)
+	for _, mi := range list {
+		if mi.LeaseOwner == "" {
+			continue
+		}
+		owners[mi.LeaseOwner]++
+		if mi.LeaseOwner == victim.name {
+			victimHeld = append(victimHeld, mi)
+			bound += len(mi.Pending)
+			if !mi.InFlight || time.Until(mi.LeaseExpiry) <= 0 || time.Until(mi.LeaseExpiry) > clusterLease {
+				t.Errorf("a message leased by %s is listed with in_flight %v, lease_expiry %v (in %v)",
+					victim.name, mi.InFlight, mi.LeaseExpiry, time.Until(mi.LeaseExpiry).Round(time.Millisecond))
+			}
+		}
+	}
+	if len(victimHeld) != int(inFlight) {
+		t.Fatalf("spool list shows %d messages leased by %s, its maddy_spool_attempts_in_flight is %v", len(victimHeld), victim.name, inFlight)
+	}
+	t.Logf("before the kill: leases per node %v (of %d queued); %s has %v attempts in flight, %d pending recipients in them",
+		owners, len(list), victim.name, inFlight, bound)
+
+	victim.srv.kill()
+	killed := time.Now()
+	cs.releaseAll()
+
+	// Every accepted recipient is delivered by a survivor, and every
+	// refused one reported.
+	allDone := func() bool {
+		for _, m := range msgs {
+			for _, r := range m.good {
+				if cs.deliveries(m.id, r, survivorNames...) == 0 {
+					return false
+				}
+			}
+		}
+		reports, err := dsnReports(cs.messages())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range msgs {
+			for _, r := range m.fail {
+				if reports[dsnKey{m.id, r}] == 0 {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	eventually(t, clusterLease+waitTimeout, allDone)
+	done := time.Since(killed)
+
+	// Takeover: when the survivors delivered the last of the messages the
+	// victim held.
+	heldByRcpt := queueIDsByRcpt(victimHeld)
+	var takeover time.Duration
+	for _, m := range msgs {
+		for _, r := range m.good {
+			if _, ok := heldByRcpt[strings.ToLower(r)]; !ok {
+				continue
+			}
+			at, _ := cs.firstDelivery(m.id, r, survivorNames...)
+			takeover = max(takeover, at.Sub(killed))
+		}
+	}
+	t.Logf("takeover: the dead node's %d messages delivered by the survivors %v after the kill; everything delivered and reported after %v",
+		len(victimHeld), takeover.Round(time.Millisecond), done.Round(time.Millisecond))
+	if limit := clusterLease + 10*time.Second; takeover > limit {
+		t.Errorf("takeover took %v, more than lease + 10s = %v", takeover, limit)
+	}
+
+	// Repeated deliveries: only of the messages the victim held, at most
+	// once more each, at most bound in all.
+	var dups []string
+	for _, m := range msgs {
+		for _, r := range m.good {
+			n := cs.deliveries(m.id, r)
+			if n <= 1 {
+				continue
+			}
+			dups = append(dups, fmt.Sprintf("%s to %s ×%d", m.id, r, n))
+			if _, ok := heldByRcpt[strings.ToLower(r)]; !ok || n > 2 {
+				t.Errorf("%s delivered to %s %d times; only the dead node's messages may be delivered twice", m.id, r, n)
+			}
+		}
+	}
+	t.Logf("duplicates: %d (bound: %d pending recipients in the dead node's %d attempts in flight): %v", len(dups), bound, len(victimHeld), dups)
+	if len(dups) > bound {
+		t.Errorf("%d duplicate deliveries exceed the bound of %d", len(dups), bound)
+	}
+
+	// Exactly one DSN per refused recipient, and none for anyone else.
+	reports, err := dsnReports(cs.messages())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[dsnKey]bool{}
+	for _, m := range msgs {
+		for _, r := range m.fail {
+			want[dsnKey{m.id, r}] = true
+		}
+	}
+	for k, n := range reports {
+		switch {
+		case !want[k]:
+			t.Errorf("a DSN reports %s failed for %s, which the next hop accepts", k.rcpt, k.msgID)
+		case n != 1:
+			t.Errorf("%d DSNs report %s failed for %s, want 1", n, k.rcpt, k.msgID)
+		}
+	}
+	// The dead node's messages owed reports it never sent: the survivors
+	// sent them.
+	bySurvivors, err := dsnReports(cs.messages(survivorNames...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	takenOver := 0
+	for _, m := range msgs {
+		for _, r := range m.fail {
+			if _, ok := heldByRcpt[strings.ToLower(r)]; ok {
+				takenOver++
+				if bySurvivors[dsnKey{m.id, r}] != 1 {
+					t.Errorf("the failure of %s for %s (held by the dead node) was not reported by a survivor", r, m.id)
+				}
+			}
+		}
+	}
+	t.Logf("DSNs: %d failures reported, %d owed, %d of them by the dead node's messages", len(reports), len(want), takenOver)
+
+	// The survivors drained the queue, and one of them reports it.
+	eventually(t, waitTimeout, func() bool { return len(survivors[0].listJSON()) == 0 })
+	rep := waitOneReporter(t, survivors...)
+	for _, n := range survivors {
+		if n.name == rep {
+			n.waitMetric("maddy_spool_messages_queued", eq(0))
+		}
+	}
+	t.Logf("reporter after the kill: %s", rep)
+}
