@@ -12,6 +12,7 @@ import (
 
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
 	"github.com/maddy-spool/spool/internal/testutils"
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
 
 // The cluster tests run several maddy processes whose target.spool blocks
@@ -278,4 +279,103 @@ func TestClusterNodeKilled(t *testing.T) {
 		}
 	}
 	t.Logf("reporter after the kill: %s", rep)
+}
+
+// TestClusterNodeCutOff: node n1 reaches the database through a proxy.
+// It claims three messages and its attempts wait at the next hop's DATA
+// stage; then the proxy is cut (its connections reset, new ones refused).
+// Node n2, connected directly, must take the messages over once n1's
+// leases expire and deliver them. When the proxy is restored, n1 finds its
+// leases lost and its attempts end: their late outcomes must be refused
+// (n1 logs so), and the database must keep n2's outcome, the messages
+// delivered and gone, not queued again. n1's attempts may also have
+// delivered: that repeat is bounded by the recipients n1 held.
+func TestClusterNodeCutOff(t *testing.T) {
+	t.Parallel()
+	pg := newPG(t)
+	direct := createDB(t, pg, "spool")
+	proxy := testutils.NewCutProxy(t, "unix", fmt.Sprintf("%s/.s.PGSQL.%d", pg.SocketDir(), pgtest.Port))
+	viaProxy := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=spool sslmode=disable", proxy.Port())
+	cs := newClusterSink(t, nil)
+	cs.hold("n1")
+	a := startNode(t, cs, viaProxy, "n1", nil)
+
+	// n1 alone claims the messages; n2 starts once they are in flight.
+	msgs := []sentMsg{
+		{id: msgID(t, 1), node: "n1", good: []string{"one@remote.test"}},
+		{id: msgID(t, 2), node: "n1", good: []string{"two.a@remote.test", "two.b@remote.test"}},
+		{id: msgID(t, 3), node: "n1", good: []string{"three@remote.test"}},
+	}
+	submitAll(t, map[string]*node{"n1": a}, msgs)
+	cs.waitHeld("n1", len(msgs))
+	a.waitMetric("maddy_spool_attempts_in_flight", eq(float64(len(msgs))))
+	b := startNode(t, cs, direct, "n2", nil)
+	bound := 0
+	for _, mi := range b.listJSON() {
+		if mi.LeaseOwner != "n1" || !mi.InFlight {
+			t.Fatalf("before the cut, n2 lists %s with lease_owner %q, in_flight %v; want n1's attempt", mi.ID, mi.LeaseOwner, mi.InFlight)
+		}
+		bound += len(mi.Pending)
+	}
+
+	proxy.Cut()
+	cut := time.Now()
+	eventually(t, clusterLease+waitTimeout, func() bool {
+		for _, m := range msgs {
+			for _, r := range m.good {
+				if cs.deliveries(m.id, r, "n2") == 0 {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	takeover := time.Since(cut)
+	t.Logf("takeover: n2 delivered n1's %d messages %v after the cut", len(msgs), takeover.Round(time.Millisecond))
+	if limit := clusterLease + 10*time.Second; takeover > limit {
+		t.Errorf("takeover took %v, more than lease + 10s = %v", takeover, limit)
+	}
+	if a.srv.countLog("cannot renew the leases of attempts in flight") == 0 {
+		t.Errorf("n1 logged no failed renewal while cut off")
+	}
+	eventually(t, waitTimeout, func() bool { return len(b.listJSON()) == 0 })
+
+	// n1 comes back: its renewal finds the leases lost and cancels the
+	// attempts; when they end, their outcomes are refused.
+	proxy.Restore()
+	restored := time.Now()
+	eventually(t, waitTimeout, func() bool { return a.srv.countLog("lease lost while attempting") >= len(msgs) })
+	cs.release("n1")
+	eventually(t, waitTimeout, func() bool {
+		return a.srv.countLog("lease lost; another node took the message over, dropping this node's outcome") >= len(msgs)
+	})
+	t.Logf("n1 refused its %d late outcomes %v after the proxy was restored", len(msgs), time.Since(restored).Round(time.Millisecond))
+	a.waitMetric("maddy_spool_attempts_in_flight", eq(0))
+	if n := a.srv.countLog("cannot save queue state"); n > 0 {
+		t.Errorf("n1 logged %d failed saves: its late outcomes must be refused by the lease, not lost to I/O", n)
+	}
+
+	// The database holds n2's outcome: nothing queued, from either node.
+	if n, err := pg.Psql("spool", "SELECT count(*) FROM spool_messages"); err != nil || n != "0" {
+		t.Errorf("spool_messages has %s rows (%v), want 0", n, err)
+	}
+	for _, n := range []*node{a, b} {
+		if l := n.listJSON(); len(l) != 0 {
+			t.Errorf("%s lists %d messages after the takeover, want none: %+v", n.name, len(l), l)
+		}
+	}
+	dups := 0
+	for _, m := range msgs {
+		for _, r := range m.good {
+			byA, byB := cs.deliveries(m.id, r, "n1"), cs.deliveries(m.id, r, "n2")
+			if byB != 1 || byA > 1 {
+				t.Errorf("%s to %s delivered %d times by n1 and %d by n2; want at most once by n1 and once by n2", m.id, r, byA, byB)
+			}
+			dups += byA
+		}
+	}
+	t.Logf("duplicates: %d repeated by n1's cancelled attempts (bound: %d recipients it held)", dups, bound)
+	if dups > bound {
+		t.Errorf("%d duplicates exceed the bound of %d", dups, bound)
+	}
 }
