@@ -114,6 +114,22 @@ func waitOneReporter(t *testing.T, nodes ...*node) string {
 	return got[0]
 }
 
+// within polls cond every 20ms until it holds (true) or timeout passes
+// (false): eventually for a condition whose failure the test reports
+// itself.
+func within(timeout time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		<-tick.C
+	}
+	return true
+}
+
 // clusterSink is the next hop of a cluster: one SMTP sink per node (so
 // that what a node delivered, and what it is delivering, is told apart),
 // all answering by one policy with one count of RCPT commands per

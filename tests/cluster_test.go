@@ -5,6 +5,7 @@ package tests
 import (
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -378,4 +379,262 @@ func TestClusterNodeCutOff(t *testing.T) {
 	if dups > bound {
 		t.Errorf("%d duplicates exceed the bound of %d", dups, bound)
 	}
+}
+
+// txRecord is one SMTP transaction of a continuous submitter.
+type txRecord struct {
+	msg        sentMsg
+	start, end time.Time
+	res        txResult
+}
+
+// submitter sends messages to one node, one after another, until stop is
+// closed, and records every transaction.
+type submitter struct {
+	mu   sync.Mutex
+	txs  []txRecord
+	done chan struct{}
+}
+
+func startSubmitter(t *testing.T, n *node, prefix string, stop <-chan struct{}) *submitter {
+	s := &submitter{done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		for i := 1; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			m := sentMsg{id: fmt.Sprintf("%s.%d@e2e.test", prefix, i), node: n.name,
+				good: []string{fmt.Sprintf("%s.%d@remote.test", prefix, i)}}
+			start := time.Now()
+			res := submitTx(n.smtpAddr(), clusterSender, m.good, newMessage(clusterSender, m.good, m.id, testBody(m.id)), waitTimeout)
+			s.mu.Lock()
+			s.txs = append(s.txs, txRecord{msg: m, start: start, end: time.Now(), res: res})
+			s.mu.Unlock()
+			// Pacing, not synchronisation: a steady trickle of mail.
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return s
+}
+
+func (s *submitter) records() []txRecord {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]txRecord(nil), s.txs...)
+}
+
+// count returns how many transactions that started after since ended as
+// ok says.
+func (s *submitter) count(since time.Time, ok func(txResult) bool) int {
+	n := 0
+	for _, r := range s.records() {
+		if r.start.After(since) && ok(r.res) {
+			n++
+		}
+	}
+	return n
+}
+
+func accepted(r txResult) bool { return r.Accepted }
+func refused(r txResult) bool  { return !r.Accepted }
+
+// TestClusterDatabaseOutage: two nodes take mail continuously while
+// PostgreSQL is stopped (as by a crash: pg_ctl stop -m immediate) and
+// started again. Every transaction made while it is down must be refused
+// with 451 4.3.0 at the end of DATA; both nodes must accept mail again
+// once it is back, without a restart; every message accepted (before,
+// during or after the outage) must be delivered.
+func TestClusterDatabaseOutage(t *testing.T) {
+	t.Parallel()
+	pg := newPG(t)
+	dsn := createDB(t, pg, "spool")
+	cs := newClusterSink(t, greylist)
+	retry := func(p *params) { p.Retry = "1s" }
+	nodes := []*node{startNode(t, cs, dsn, "n1", retry), startNode(t, cs, dsn, "n2", retry)}
+
+	stop := make(chan struct{})
+	var subs []*submitter
+	for _, n := range nodes {
+		subs = append(subs, startSubmitter(t, n, t.Name()+"."+n.name, stop))
+	}
+	stopped := false
+	stopSubmitters := func() {
+		if !stopped {
+			stopped = true
+			close(stop)
+			for _, s := range subs {
+				<-s.done
+			}
+		}
+	}
+	t.Cleanup(stopSubmitters)
+	begin := time.Now()
+	// Mail flows through both nodes.
+	eventually(t, waitTimeout, func() bool {
+		for _, s := range subs {
+			if s.count(begin, accepted) < 10 {
+				return false
+			}
+		}
+		return true
+	})
+
+	if err := pg.Stop("immediate"); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	// Both nodes refuse mail for a while.
+	eventually(t, waitTimeout, func() bool {
+		for _, s := range subs {
+			if s.count(down, refused) < 40 {
+				return false
+			}
+		}
+		return true
+	})
+	upAt := time.Now()
+	if err := pg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	up := time.Now()
+	t.Logf("PostgreSQL down for %v (stopped %v, started %v)", up.Sub(down).Round(time.Millisecond),
+		down.Sub(begin).Round(time.Millisecond), up.Sub(begin).Round(time.Millisecond))
+	// Both nodes accept mail again by themselves.
+	eventually(t, waitTimeout, func() bool {
+		for _, s := range subs {
+			if s.count(up, accepted) < 10 {
+				return false
+			}
+		}
+		return true
+	})
+	resumed := time.Since(up)
+	stopSubmitters()
+
+	// What the clients saw while the database was down.
+	var (
+		acked             []sentMsg
+		outage, badCodes  int
+		firstOK, lastFail time.Time
+	)
+	for _, s := range subs {
+		for _, r := range s.records() {
+			if r.res.Accepted {
+				acked = append(acked, r.msg)
+				if r.start.After(up) && (firstOK.IsZero() || r.end.Before(firstOK)) {
+					firstOK = r.end
+				}
+				continue
+			}
+			if r.end.After(lastFail) {
+				lastFail = r.end
+			}
+			inOutage := r.start.After(down) && r.end.Before(upAt)
+			if inOutage {
+				outage++
+			}
+			if r.res.code() != 451 || r.res.enhanced() != "4.3.0" || r.res.Stage != "end of DATA" {
+				badCodes++
+				t.Errorf("message %s to %s (during the outage: %v) refused at %s with %d %s: %v",
+					r.msg.id, r.msg.node, inOutage, r.res.Stage, r.res.code(), r.res.enhanced(), r.res.Err)
+			}
+		}
+	}
+	if outage == 0 {
+		t.Fatal("no transaction was made while PostgreSQL was down")
+	}
+	t.Logf("outage: %d transactions refused with 451 4.3.0 while the database was down; mail accepted again %v after it was started (last refusal %v after)",
+		outage, resumed.Round(time.Millisecond), lastFail.Sub(up).Round(time.Millisecond))
+
+	// Nothing accepted is lost.
+	eventually(t, 2*time.Minute, func() bool {
+		for _, m := range acked {
+			if cs.deliveries(m.id, m.good[0]) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	dups := 0
+	for _, m := range acked {
+		if n := cs.deliveries(m.id, m.good[0]); n > 1 {
+			dups += n - 1
+		}
+	}
+	t.Logf("%d messages accepted, all delivered %v after PostgreSQL was started; %d duplicates",
+		len(acked), time.Since(up).Round(time.Millisecond), dups)
+	for _, n := range nodes {
+		t.Logf("%s: %d failed saves, %d failed claims", n.name, n.srv.countLog("cannot save queue state"), n.srv.countLog("cannot claim due messages"))
+	}
+	start := time.Now()
+	eventually(t, 2*time.Minute, func() bool {
+		return len(nodes[0].listJSON()) == 0
+	})
+	t.Logf("queue empty %v later", time.Since(start).Round(time.Millisecond))
+}
+
+// TestClusterOutageUnsavedOutcome: an attempt that ends while PostgreSQL
+// is down cannot save its outcome. Once the database is back, the message
+// must be attempted again as promptly as a takeover would be (within the
+// lease plus 10 seconds): the node that holds it keeps renewing its lease,
+// so no other node can step in meanwhile.
+func TestClusterOutageUnsavedOutcome(t *testing.T) {
+	t.Parallel()
+	pg := newPG(t)
+	dsn := createDB(t, pg, "spool")
+	// The first try is deferred at the DATA stage, after the gate.
+	cs := newClusterSink(t, func(stage, _ string, try int) *smtp.SMTPError {
+		if stage == testutils.StageDATA && try == 1 {
+			return testutils.SinkReply(451, [3]int{4, 4, 1}, "try again")
+		}
+		return nil
+	})
+	retry := func(p *params) { p.Retry = "1s" }
+	nodes := map[string]*node{"n1": startNode(t, cs, dsn, "n1", retry), "n2": startNode(t, cs, dsn, "n2", retry)}
+	cs.hold("n1", "n2")
+	m := sentMsg{id: msgID(t, 1), node: "n1", good: []string{"rcpt@remote.test"}}
+	submitAll(t, nodes, []sentMsg{m})
+	var holder, other *node
+	eventually(t, waitTimeout, func() bool {
+		switch {
+		case cs.heldAt("n1") == 1:
+			holder, other = nodes["n1"], nodes["n2"]
+		case cs.heldAt("n2") == 1:
+			holder, other = nodes["n2"], nodes["n1"]
+		}
+		return holder != nil
+	})
+
+	// The attempt ends (451) while the database is down.
+	if err := pg.Stop("immediate"); err != nil {
+		t.Fatal(err)
+	}
+	cs.releaseAll()
+	if _, err := holder.srv.findLog("cannot save queue state, will retry", waitTimeout); err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	up := time.Now()
+
+	limit := clusterLease + 10*time.Second
+	delivered := func() bool { return cs.deliveries(m.id, m.good[0]) > 0 }
+	if within(limit, delivered) {
+		t.Logf("delivered %v after PostgreSQL was started", time.Since(up).Round(time.Millisecond))
+		return
+	}
+	var state string
+	for _, mi := range other.listJSON() {
+		state += fmt.Sprintf(" %s: lease_owner %s, in_flight %v, tries %d, next_attempt in %v;",
+			mi.ID, mi.LeaseOwner, mi.InFlight, mi.Attempts, time.Until(mi.NextAttempt).Round(time.Second))
+	}
+	t.Errorf("not delivered within %v of PostgreSQL's start: %s keeps the unsaved outcome and its lease, "+
+		"and retries the save only after storeRetryDelay; %s lists:%s", limit, holder.name, other.name, state)
+	// How long it takes after all, for the record.
+	eventually(t, 2*time.Minute, delivered)
+	t.Logf("delivered %v after PostgreSQL was started", time.Since(up).Round(time.Millisecond))
 }
