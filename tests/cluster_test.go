@@ -4,6 +4,7 @@ package tests
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -637,4 +638,241 @@ func TestClusterOutageUnsavedOutcome(t *testing.T) {
 	// How long it takes after all, for the record.
 	eventually(t, 2*time.Minute, delivered)
 	t.Logf("delivered %v after PostgreSQL was started", time.Since(up).Round(time.Millisecond))
+}
+
+// TestClusterOperateFromAnyNode: `maddy spool` on any node acts on the
+// whole cluster's queue. Two nodes hold messages submitted to each (their
+// first try deferred, the next one an hour away) and one attempt in
+// flight on one node, waiting at the next hop. Then:
+//   - `spool list --json` on either node shows all of them, the attempt
+//     in flight with its lease_owner and lease_expiry;
+//   - `spool hold ID` on the other node is deferred until the attempt
+//     ends (451 at DATA), and then applied by its holder: the message is
+//     held, and no longer attempted;
+//   - `spool retry --all` on one node makes every message due, whichever
+//     node accepted it, and they are delivered (the held one stays held).
+func TestClusterOperateFromAnyNode(t *testing.T) {
+	t.Parallel()
+	pg := newPG(t)
+	dsn := createDB(t, pg, "spool")
+	cs := newClusterSink(t, func(stage, rcpt string, try int) *smtp.SMTPError {
+		switch {
+		case stage == testutils.StageRCPT && try == 1 && strings.HasSuffix(rcpt, "@slow.test"):
+			return testutils.SinkReply(451, [3]int{4, 4, 1}, "greylisted, try again")
+		case stage == testutils.StageDATA && strings.HasSuffix(rcpt, "@busy.test"):
+			return testutils.SinkReply(451, [3]int{4, 3, 2}, "busy, try again")
+		}
+		return nil
+	})
+	// Retries an hour away: every attempt after the first is asked for.
+	hour := func(p *params) { p.Retry, p.MaxTries = "1h", "10" }
+	nodes := map[string]*node{"n1": startNode(t, cs, dsn, "n1", hour), "n2": startNode(t, cs, dsn, "n2", hour)}
+
+	var slow []sentMsg
+	for i := 1; i <= 4; i++ {
+		n := fmt.Sprintf("n%d", 1+i%2)
+		slow = append(slow, sentMsg{id: msgID(t, i), node: n, good: []string{fmt.Sprintf("m%d.%s@slow.test", i, n)}})
+	}
+	submitAll(t, nodes, slow)
+	settledFirst := func(list []admin.MessageInfo) bool {
+		if len(list) != len(slow) {
+			return false
+		}
+		for _, mi := range list {
+			if mi.InFlight || mi.Attempts != 1 {
+				return false
+			}
+		}
+		return true
+	}
+	eventually(t, waitTimeout, func() bool { return settledFirst(nodes["n1"].listJSON()) })
+
+	// One attempt in flight, on whichever node claims it.
+	cs.hold("n1", "n2")
+	busy := sentMsg{id: msgID(t, 0), node: "n1", good: []string{"x@busy.test"}}
+	submitAll(t, nodes, []sentMsg{busy})
+	var holder, other *node
+	eventually(t, waitTimeout, func() bool {
+		switch {
+		case cs.heldAt("n1") == 1:
+			holder, other = nodes["n1"], nodes["n2"]
+		case cs.heldAt("n2") == 1:
+			holder, other = nodes["n2"], nodes["n1"]
+		}
+		return holder != nil
+	})
+	cs.release(other.name)
+
+	// Both nodes list the whole queue, the same way.
+	lists := map[string][]admin.MessageInfo{}
+	var busyID string
+	for _, n := range []*node{holder, other} {
+		list := n.listJSON()
+		lists[n.name] = list
+		byRcpt := queueIDsByRcpt(list)
+		if len(list) != len(slow)+1 {
+			t.Errorf("%s lists %d messages, want %d: %+v", n.name, len(list), len(slow)+1, list)
+		}
+		for _, m := range slow {
+			mi, ok := byRcpt[m.good[0]]
+			if !ok || mi.InFlight || mi.LeaseOwner != "" || !mi.LeaseExpiry.IsZero() {
+				t.Errorf("%s lists %s (accepted by %s) as %+v; want it queued, not leased", n.name, m.id, m.node, mi)
+			}
+		}
+		mi, ok := byRcpt[busy.good[0]]
+		if !ok || !mi.InFlight || mi.LeaseOwner != holder.name {
+			t.Fatalf("%s lists the message in flight on %s as %+v", n.name, holder.name, mi)
+		}
+		if left := time.Until(mi.LeaseExpiry); left <= 0 || left > clusterLease {
+			t.Errorf("%s lists lease_expiry %v for the attempt in flight, %v from now; want within the lease", n.name, mi.LeaseExpiry, left)
+		}
+		busyID = mi.ID
+	}
+	if a, b := idsOf(lists["n1"]), idsOf(lists["n2"]); strings.Join(a, " ") != strings.Join(b, " ") {
+		t.Errorf("the nodes list different queues: n1 %v, n2 %v", a, b)
+	}
+
+	// hold on the other node: recorded for the holder, applied when its
+	// attempt ends.
+	holdDone := make(chan cliResult, 1)
+	go func() { holdDone <- other.spool("hold", busyID, "--json") }()
+	id, err := strconv.ParseInt(busyID, 16, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, waitTimeout, func() bool {
+		v, err := pg.Psql("spool", fmt.Sprintf("SELECT request FROM spool_messages WHERE id = %d", id))
+		return err == nil && v != "0" && v != ""
+	})
+	select {
+	case r := <-holdDone:
+		t.Fatalf("hold returned before the attempt in flight ended: %v", r)
+	default:
+	}
+	cs.release(holder.name)
+	r := <-holdDone
+	if r.code != 0 {
+		t.Fatalf("hold failed: %v", r)
+	}
+	var res admin.Result
+	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
+		t.Fatalf("hold --json: %v\n%s", err, r.stdout)
+	}
+	if res.Deferred != 1 || len(res.Items) != 1 || res.Items[0].Outcome != admin.Deferred ||
+		!strings.Contains(res.Items[0].Detail, "applied after the attempt in flight: held") {
+		t.Errorf("hold on %s of a message in flight on %s: %+v", other.name, holder.name, res)
+	}
+	holder.srv.waitLog("operator request applied")
+	for _, n := range []*node{holder, other} {
+		mi := byID(n.listJSON())[busyID]
+		if !mi.Held || mi.InFlight || mi.LeaseOwner != "" || mi.Attempts != 1 {
+			t.Errorf("after the hold, %s lists the message as %+v; want held, not leased, attempted once", n.name, mi)
+		}
+	}
+	t.Logf("hold on %s of a message in flight on %s: %s", other.name, holder.name, res.Items[0].Detail)
+
+	// retry --all on one node: every message is due, on every node.
+	r = other.spoolOK("retry", "--all", "--json")
+	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
+		t.Fatalf("retry --json: %v\n%s", err, r.stdout)
+	}
+	if res.Changed != len(slow) || res.Unchanged != 1 {
+		t.Errorf("retry --all on %s: %+v; want %d changed and the held one unchanged", other.name, res, len(slow))
+	}
+	for _, m := range slow {
+		waitDeliveredCluster(t, cs, m)
+	}
+	eventually(t, waitTimeout, func() bool { return len(holder.listJSON()) == 1 })
+	if n := cs.tryCount(busy.good[0]); n != 1 {
+		t.Errorf("the held message was tried %d times, want 1", n)
+	}
+	bySink := map[string]int{}
+	for _, m := range slow {
+		for _, n := range []string{"n1", "n2"} {
+			bySink[n] += cs.deliveries(m.id, m.good[0], n)
+		}
+	}
+	t.Logf("retry --all on %s: %d made due, delivered by n1 %d, by n2 %d", other.name, res.Changed, bySink["n1"], bySink["n2"])
+}
+
+// waitDeliveredCluster waits until some node delivered m to every good
+// recipient.
+func waitDeliveredCluster(t *testing.T, cs *clusterSink, m sentMsg) {
+	t.Helper()
+	eventually(t, waitTimeout, func() bool {
+		for _, r := range m.good {
+			if cs.deliveries(m.id, r) == 0 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestClusterStartupErrors: `maddy run` exits at start-up, naming the
+// store and the node, when the DSN does not parse, when the database
+// cannot be reached, and when another running node already uses the node
+// name (that node is left alone).
+func TestClusterStartupErrors(t *testing.T) {
+	t.Parallel()
+	pg := newPG(t)
+	dsn := createDB(t, pg, "spool")
+	closed := freePorts(t, 1)[0] // nothing listens there any more
+
+	// failStart runs a node that must not start, and returns the error
+	// line naming its store.
+	failStart := func(t *testing.T, dsn, name string) string {
+		t.Helper()
+		ports := freePorts(t, 2)
+		cfg := writeConfig(t, params{Dir: t.TempDir(), SMTPPort: ports[0], SinkPort: ports[1],
+			Extra: []string{storeDirective(dsn, name)}})
+		s, err := launch(t, "--config", cfg, "run")
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		code := s.wait()
+		if code == 0 {
+			t.Errorf("maddy exited with status 0")
+		}
+		want := fmt.Sprintf("store postgres (node %s)", name)
+		var line string
+		for _, l := range s.logLines() {
+			if strings.Contains(l, readyPrefix) {
+				t.Errorf("maddy started listening: %s", l)
+			}
+			if strings.Contains(l, want) {
+				line = l
+			}
+		}
+		if line == "" {
+			t.Fatalf("no error naming %q; output:\n%s", want, s.tail(20))
+		}
+		t.Logf("exit status %d after %v: %s", code, time.Since(start).Round(time.Millisecond), line)
+		return line
+	}
+
+	t.Run("bad DSN", func(t *testing.T) {
+		line := failStart(t, "host=/tmp port=notaport user=postgres password=s3cr3t dbname=spool", "bad1")
+		mustContain(t, "the error", line, "cannot parse", "notaport")
+		if strings.Contains(line, "s3cr3t") {
+			t.Errorf("the error shows the password: %s", line)
+		}
+	})
+	t.Run("unreachable", func(t *testing.T) {
+		line := failStart(t, fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=spool sslmode=disable connect_timeout=5", closed), "down1")
+		mustContain(t, "the error", line, "connect", "refused")
+	})
+	t.Run("node name in use", func(t *testing.T) {
+		cs := newClusterSink(t, nil)
+		first := startNode(t, cs, dsn, "mx1", nil)
+		line := failStart(t, dsn, "mx1")
+		mustContain(t, "the error", line, "node name mx1 is already in use")
+		if first.srv.exited() {
+			t.Fatal("the running node exited")
+		}
+		m := sentMsg{id: msgID(t, 1), node: "mx1", good: []string{"rcpt@remote.test"}}
+		submitAll(t, map[string]*node{"mx1": first}, []sentMsg{m})
+		waitDeliveredCluster(t, cs, m)
+	})
 }
