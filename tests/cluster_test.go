@@ -291,7 +291,8 @@ func TestClusterNodeKilled(t *testing.T) {
 // leases lost and its attempts end: their late outcomes must be refused
 // (n1 logs so), and the database must keep n2's outcome, the messages
 // delivered and gone, not queued again. n1's attempts may also have
-// delivered: that repeat is bounded by the recipients n1 held.
+// delivered: that repeat is bounded by the recipients n1 held. The role
+// of exporting the cluster-wide gauges passes from n1 to n2 at the cut.
 func TestClusterNodeCutOff(t *testing.T) {
 	t.Parallel()
 	pg := newPG(t)
@@ -311,6 +312,9 @@ func TestClusterNodeCutOff(t *testing.T) {
 	submitAll(t, map[string]*node{"n1": a}, msgs)
 	cs.waitHeld("n1", len(msgs))
 	a.waitMetric("maddy_spool_attempts_in_flight", eq(float64(len(msgs))))
+	if r := waitOneReporter(t, a); r != "n1" {
+		t.Fatalf("reporter %s", r)
+	}
 	b := startNode(t, cs, direct, "n2", nil)
 	bound := 0
 	for _, mi := range b.listJSON() {
@@ -339,6 +343,11 @@ func TestClusterNodeCutOff(t *testing.T) {
 	}
 	if a.srv.countLog("cannot renew the leases of attempts in flight") == 0 {
 		t.Errorf("n1 logged no failed renewal while cut off")
+	}
+	// n1, the first node up, reported the cluster's figures; cut off, it
+	// cannot, and n2 does.
+	if r := waitOneReporter(t, a, b); r != "n2" {
+		t.Errorf("while n1 is cut off, %s reports the cluster's figures", r)
 	}
 	eventually(t, waitTimeout, func() bool { return len(b.listJSON()) == 0 })
 
