@@ -210,8 +210,8 @@ func TestClusterNodeKilled(t *testing.T) {
 	}
 	t.Logf("takeover: the dead node's %d messages delivered by the survivors %v after the kill; everything delivered and reported after %v",
 		len(victimHeld), takeover.Round(time.Millisecond), done.Round(time.Millisecond))
-	if limit := clusterLease + 10*time.Second; takeover > limit {
-		t.Errorf("takeover took %v, more than lease + 10s = %v", takeover, limit)
+	if limit := clusterLease + 10*time.Second; takeover > limit || done > limit {
+		t.Errorf("takeover took %v, delivering and reporting everything %v: more than lease + 10s = %v", takeover, done, limit)
 	}
 
 	// Repeated deliveries: only of the messages the victim held, at most
