@@ -7,6 +7,7 @@ import (
 	"net"
 	"sync"
 	"testing"
+	"time"
 )
 
 // CutProxy forwards TCP connections accepted on 127.0.0.1 to another
@@ -26,6 +27,7 @@ type CutProxy struct {
 
 	mu       sync.Mutex
 	cut      bool
+	latency  time.Duration // added before each chunk forwarded to the target
 	closed   bool
 	conns    map[net.Conn]struct{} // both ends of every forwarded connection
 	forwards int                   // connections forwarded so far
@@ -85,6 +87,21 @@ func (p *CutProxy) Restore() {
 	p.mu.Lock()
 	p.cut = false
 	p.mu.Unlock()
+}
+
+// SetLatency delays every chunk of data forwarded to the target by d (0:
+// none) from now on, as a slow network path would: the client's requests
+// reach the server d later.
+func (p *CutProxy) SetLatency(d time.Duration) {
+	p.mu.Lock()
+	p.latency = d
+	p.mu.Unlock()
+}
+
+func (p *CutProxy) getLatency() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.latency
 }
 
 // Stats returns how many connections were forwarded, are open now, and
@@ -181,12 +198,14 @@ func (p *CutProxy) forward(c net.Conn) {
 	p.mu.Unlock()
 
 	done := make(chan struct{}, 2)
-	pipe := func(dst, src net.Conn) {
-		_, _ = io.Copy(dst, src)
+	go func() {
+		p.copyDelayed(s, c)
 		done <- struct{}{}
-	}
-	go pipe(s, c)
-	go pipe(c, s)
+	}()
+	go func() {
+		_, _ = io.Copy(c, s)
+		done <- struct{}{}
+	}()
 	<-done
 	// One direction ended: end the other too, and forget the pair unless
 	// a Cut took it already.
@@ -197,4 +216,24 @@ func (p *CutProxy) forward(c net.Conn) {
 	_ = c.Close()
 	_ = s.Close()
 	<-done
+}
+
+// copyDelayed copies src to dst, holding each chunk back by the latency
+// set at the time it was read.
+func (p *CutProxy) copyDelayed(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if d := p.getLatency(); d > 0 {
+				time.Sleep(d) // the simulated network delay
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
 }

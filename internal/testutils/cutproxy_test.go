@@ -73,9 +73,21 @@ func TestCutProxy(t *testing.T) {
 	if err := roundTrip(c1, r1, "during"); err == nil {
 		t.Fatal("a connection open at the cut still works")
 	}
-	c2, r2 := dialEcho(t, p)
-	if err := roundTrip(c2, r2, "during"); err == nil {
-		t.Fatal("a connection made while cut works")
+	// Refused: the connect itself may fail, or the connection is reset
+	// at once.
+	if c2, err := net.DialTimeout("tcp", p.Addr(), 5*time.Second); err == nil {
+		err = roundTrip(c2, bufio.NewReader(c2), "during")
+		c2.Close()
+		if err == nil {
+			t.Fatal("a connection made while cut works")
+		}
+	}
+	// The refusal is counted once the proxy has accepted the connection.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if _, _, refused := p.Stats(); refused == 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Millisecond)
 	}
 
 	p.Restore()
@@ -83,6 +95,16 @@ func TestCutProxy(t *testing.T) {
 	if err := roundTrip(c3, r3, "after"); err != nil {
 		t.Fatalf("after Restore: %v", err)
 	}
+	const lag = 100 * time.Millisecond
+	p.SetLatency(lag)
+	start := time.Now()
+	if err := roundTrip(c3, r3, "slow"); err != nil {
+		t.Fatalf("with latency: %v", err)
+	}
+	if took := time.Since(start); took < lag {
+		t.Errorf("a round trip with %v latency took %v", lag, took)
+	}
+	p.SetLatency(0)
 	fwd, open, refused := p.Stats()
 	if fwd != 2 || open != 1 || refused != 1 {
 		t.Errorf("Stats() = %d forwarded, %d open, %d refused; want 2, 1, 1", fwd, open, refused)
