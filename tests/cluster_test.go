@@ -767,8 +767,10 @@ func TestClusterOperateFromAnyNode(t *testing.T) {
 	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
 		t.Fatalf("hold --json: %v\n%s", err, r.stdout)
 	}
+	// (What the detail says of the state after the attempt is checked by
+	// TestClusterHoldReportsHeldState.)
 	if res.Deferred != 1 || len(res.Items) != 1 || res.Items[0].Outcome != admin.Deferred ||
-		!strings.Contains(res.Items[0].Detail, "applied after the attempt in flight: held") {
+		!strings.Contains(res.Items[0].Detail, "applied after the attempt in flight") {
 		t.Errorf("hold on %s of a message in flight on %s: %+v", other.name, holder.name, res)
 	}
 	holder.srv.waitLog("operator request applied")
@@ -884,4 +886,68 @@ func TestClusterStartupErrors(t *testing.T) {
 		submitAll(t, map[string]*node{"mx1": first}, []sentMsg{m})
 		waitDeliveredCluster(t, cs, m)
 	})
+}
+
+// TestClusterHoldReportsHeldState: `spool hold ID` on one node, for a
+// message in flight on another, waits until the holder has applied the
+// hold and then says what became of the message: "held". The holder's
+// database connection is slowed down (100 ms per request) so that the
+// moment between the holder's two writes (the attempt's outcome, which
+// hands it the request, then the hold itself) is long enough to be seen.
+func TestClusterHoldReportsHeldState(t *testing.T) {
+	t.Parallel()
+	pg := newPG(t)
+	direct := createDB(t, pg, "spool")
+	proxy := testutils.NewCutProxy(t, "unix", fmt.Sprintf("%s/.s.PGSQL.%d", pg.SocketDir(), pgtest.Port))
+	viaProxy := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=spool sslmode=disable", proxy.Port())
+	cs := newClusterSink(t, func(stage, _ string, _ int) *smtp.SMTPError {
+		if stage == testutils.StageDATA {
+			return testutils.SinkReply(451, [3]int{4, 3, 2}, "busy, try again")
+		}
+		return nil
+	})
+	hour := func(p *params) { p.Retry, p.MaxTries = "1h", "10" }
+	cs.hold("n1")
+	holder := startNode(t, cs, viaProxy, "n1", hour)
+	m := sentMsg{id: msgID(t, 1), node: "n1", good: []string{"x@busy.test"}}
+	submitAll(t, map[string]*node{"n1": holder}, []sentMsg{m})
+	cs.waitHeld("n1", 1)
+	other := startNode(t, cs, direct, "n2", hour)
+	list := other.listJSON()
+	if len(list) != 1 || list[0].LeaseOwner != "n1" {
+		t.Fatalf("n2 lists %+v; want the message leased by n1", list)
+	}
+	id := list[0].ID
+	qid, err := strconv.ParseInt(id, 16, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	proxy.SetLatency(100 * time.Millisecond)
+	holdDone := make(chan cliResult, 1)
+	go func() { holdDone <- other.spool("hold", id, "--json") }()
+	eventually(t, waitTimeout, func() bool {
+		v, err := pg.Psql("spool", fmt.Sprintf("SELECT request FROM spool_messages WHERE id = %d", qid))
+		return err == nil && v != "0" && v != ""
+	})
+	cs.release("n1")
+	r := <-holdDone
+	if r.code != 0 {
+		t.Fatalf("hold failed: %v", r)
+	}
+	var res admin.Result
+	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
+		t.Fatalf("hold --json: %v\n%s", err, r.stdout)
+	}
+	holder.srv.waitLog("operator request applied")
+	final := byID(other.listJSON())[id]
+	t.Logf("hold reported: %+v; the message now: held %v, lease_owner %q", res.Items, final.Held, final.LeaseOwner)
+	if !final.Held {
+		t.Fatalf("the hold was not applied: %+v", final)
+	}
+	if len(res.Items) != 1 || res.Items[0].Outcome != admin.Deferred ||
+		!strings.Contains(res.Items[0].Detail, "applied after the attempt in flight: held") {
+		t.Errorf("hold reports %+v for a message that the holder then held; "+
+			"the operator waited only until the request was handed to the holder, not until it was applied", res.Items)
+	}
 }
