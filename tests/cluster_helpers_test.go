@@ -51,6 +51,14 @@ func createDB(t *testing.T, c *pgtest.Cluster, name string) string {
 	return dsn
 }
 
+// newPGProxy starts a proxy to c's server, which a test can cut or slow
+// down, and returns it with the DSN of database db through it.
+func newPGProxy(t *testing.T, c *pgtest.Cluster, db string) (*testutils.CutProxy, string) {
+	t.Helper()
+	p := testutils.NewCutProxy(t, "unix", fmt.Sprintf("%s/.s.PGSQL.%d", c.SocketDir(), pgtest.Port))
+	return p, fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=%s sslmode=disable", p.Port(), db)
+}
+
 // storeDirective is the store block of a node, one line of params.Extra.
 func storeDirective(dsn, node string) string {
 	return fmt.Sprintf("store postgres {\n        dsn %q\n        node %s\n        lease %v\n    }", dsn, node, clusterLease)
@@ -112,22 +120,6 @@ func waitOneReporter(t *testing.T, nodes ...*node) string {
 		return err == nil && len(r) == 1
 	})
 	return got[0]
-}
-
-// within polls cond every 20ms until it holds (true) or timeout passes
-// (false): eventually for a condition whose failure the test reports
-// itself.
-func within(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		<-tick.C
-	}
-	return true
 }
 
 // clusterSink is the next hop of a cluster: one SMTP sink per node (so

@@ -297,8 +297,7 @@ func TestClusterNodeCutOff(t *testing.T) {
 	t.Parallel()
 	pg := newPG(t)
 	direct := createDB(t, pg, "spool")
-	proxy := testutils.NewCutProxy(t, "unix", fmt.Sprintf("%s/.s.PGSQL.%d", pg.SocketDir(), pgtest.Port))
-	viaProxy := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=spool sslmode=disable", proxy.Port())
+	proxy, viaProxy := newPGProxy(t, pg, "spool")
 	cs := newClusterSink(t, nil)
 	cs.hold("n1")
 	a := startNode(t, cs, viaProxy, "n1", nil)
@@ -448,6 +447,20 @@ func (s *submitter) count(since time.Time, ok func(txResult) bool) int {
 	return n
 }
 
+// waitEachSubmitter waits until every submitter has made n transactions,
+// started after since, that ended as ok says.
+func waitEachSubmitter(t *testing.T, subs []*submitter, since time.Time, ok func(txResult) bool, n int) {
+	t.Helper()
+	eventually(t, waitTimeout, func() bool {
+		for _, s := range subs {
+			if s.count(since, ok) < n {
+				return false
+			}
+		}
+		return true
+	})
+}
+
 func accepted(r txResult) bool { return r.Accepted }
 func refused(r txResult) bool  { return !r.Accepted }
 
@@ -484,28 +497,14 @@ func TestClusterDatabaseOutage(t *testing.T) {
 	t.Cleanup(stopSubmitters)
 	begin := time.Now()
 	// Mail flows through both nodes.
-	eventually(t, waitTimeout, func() bool {
-		for _, s := range subs {
-			if s.count(begin, accepted) < 10 {
-				return false
-			}
-		}
-		return true
-	})
+	waitEachSubmitter(t, subs, begin, accepted, 10)
 
 	if err := pg.Stop("immediate"); err != nil {
 		t.Fatal(err)
 	}
 	down := time.Now()
 	// Both nodes refuse mail for a while.
-	eventually(t, waitTimeout, func() bool {
-		for _, s := range subs {
-			if s.count(down, refused) < 40 {
-				return false
-			}
-		}
-		return true
-	})
+	waitEachSubmitter(t, subs, down, refused, 40)
 	upAt := time.Now()
 	if err := pg.Start(); err != nil {
 		t.Fatal(err)
@@ -514,14 +513,7 @@ func TestClusterDatabaseOutage(t *testing.T) {
 	t.Logf("PostgreSQL down for %v (stopped %v, started %v)", up.Sub(down).Round(time.Millisecond),
 		down.Sub(begin).Round(time.Millisecond), up.Sub(begin).Round(time.Millisecond))
 	// Both nodes accept mail again by themselves.
-	eventually(t, waitTimeout, func() bool {
-		for _, s := range subs {
-			if s.count(up, accepted) < 10 {
-				return false
-			}
-		}
-		return true
-	})
+	waitEachSubmitter(t, subs, up, accepted, 10)
 	resumed := time.Since(up)
 	stopSubmitters()
 
@@ -595,7 +587,7 @@ func TestClusterDatabaseOutage(t *testing.T) {
 	}
 	start := time.Now()
 	var left []admin.MessageInfo
-	drained := within(2*time.Minute, func() bool {
+	drained := pollFor(2*time.Minute, func() bool {
 		left = nodes[0].listJSON()
 		for _, mi := range left {
 			if !mi.Receiving {
@@ -638,16 +630,7 @@ func TestClusterOutageUnsavedOutcome(t *testing.T) {
 	cs.hold("n1", "n2")
 	m := sentMsg{id: msgID(t, 1), node: "n1", good: []string{"rcpt@remote.test"}}
 	submitAll(t, nodes, []sentMsg{m})
-	var holder, other *node
-	eventually(t, waitTimeout, func() bool {
-		switch {
-		case cs.heldAt("n1") == 1:
-			holder, other = nodes["n1"], nodes["n2"]
-		case cs.heldAt("n2") == 1:
-			holder, other = nodes["n2"], nodes["n1"]
-		}
-		return holder != nil
-	})
+	holder, other := waitHolder(t, cs, nodes["n1"], nodes["n2"])
 
 	// The attempt ends (451) while the database is down.
 	if err := pg.Stop("immediate"); err != nil {
@@ -664,7 +647,7 @@ func TestClusterOutageUnsavedOutcome(t *testing.T) {
 
 	limit := clusterLease + 10*time.Second
 	delivered := func() bool { return cs.deliveries(m.id, m.good[0]) > 0 }
-	if within(limit, delivered) {
+	if pollFor(limit, delivered) {
 		t.Logf("delivered %v after PostgreSQL was started", time.Since(up).Round(time.Millisecond))
 		return
 	}
@@ -731,16 +714,7 @@ func TestClusterOperateFromAnyNode(t *testing.T) {
 	cs.hold("n1", "n2")
 	busy := sentMsg{id: msgID(t, 0), node: "n1", good: []string{"x@busy.test"}}
 	submitAll(t, nodes, []sentMsg{busy})
-	var holder, other *node
-	eventually(t, waitTimeout, func() bool {
-		switch {
-		case cs.heldAt("n1") == 1:
-			holder, other = nodes["n1"], nodes["n2"]
-		case cs.heldAt("n2") == 1:
-			holder, other = nodes["n2"], nodes["n1"]
-		}
-		return holder != nil
-	})
+	holder, other := waitHolder(t, cs, nodes["n1"], nodes["n2"])
 	cs.release(other.name)
 
 	// Both nodes list the whole queue, the same way.
@@ -774,30 +748,7 @@ func TestClusterOperateFromAnyNode(t *testing.T) {
 
 	// hold on the other node: recorded for the holder, applied when its
 	// attempt ends.
-	holdDone := make(chan cliResult, 1)
-	go func() { holdDone <- other.spool("hold", busyID, "--json") }()
-	id, err := strconv.ParseInt(busyID, 16, 64)
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, waitTimeout, func() bool {
-		v, err := pg.Psql("spool", fmt.Sprintf("SELECT request FROM spool_messages WHERE id = %d", id))
-		return err == nil && v != "0" && v != ""
-	})
-	select {
-	case r := <-holdDone:
-		t.Fatalf("hold returned before the attempt in flight ended: %v", r)
-	default:
-	}
-	cs.release(holder.name)
-	r := <-holdDone
-	if r.code != 0 {
-		t.Fatalf("hold failed: %v", r)
-	}
-	var res admin.Result
-	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
-		t.Fatalf("hold --json: %v\n%s", err, r.stdout)
-	}
+	res := holdInFlight(t, pg, other, busyID, func() { cs.release(holder.name) })
 	// (What the detail says of the state after the attempt is checked by
 	// TestClusterHoldReportsHeldState.)
 	if res.Deferred != 1 || len(res.Items) != 1 || res.Items[0].Outcome != admin.Deferred ||
@@ -814,7 +765,7 @@ func TestClusterOperateFromAnyNode(t *testing.T) {
 	t.Logf("hold on %s of a message in flight on %s: %s", other.name, holder.name, res.Items[0].Detail)
 
 	// retry --all on one node: every message is due, on every node.
-	r = other.spoolOK("retry", "--all", "--json")
+	r := other.spoolOK("retry", "--all", "--json")
 	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
 		t.Fatalf("retry --json: %v\n%s", err, r.stdout)
 	}
@@ -929,8 +880,7 @@ func TestClusterHoldReportsHeldState(t *testing.T) {
 	t.Parallel()
 	pg := newPG(t)
 	direct := createDB(t, pg, "spool")
-	proxy := testutils.NewCutProxy(t, "unix", fmt.Sprintf("%s/.s.PGSQL.%d", pg.SocketDir(), pgtest.Port))
-	viaProxy := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=spool sslmode=disable", proxy.Port())
+	proxy, viaProxy := newPGProxy(t, pg, "spool")
 	cs := newClusterSink(t, func(stage, _ string, _ int) *smtp.SMTPError {
 		if stage == testutils.StageDATA {
 			return testutils.SinkReply(451, [3]int{4, 3, 2}, "busy, try again")
@@ -949,27 +899,8 @@ func TestClusterHoldReportsHeldState(t *testing.T) {
 		t.Fatalf("n2 lists %+v; want the message leased by n1", list)
 	}
 	id := list[0].ID
-	qid, err := strconv.ParseInt(id, 16, 64)
-	if err != nil {
-		t.Fatal(err)
-	}
-
 	proxy.SetLatency(100 * time.Millisecond)
-	holdDone := make(chan cliResult, 1)
-	go func() { holdDone <- other.spool("hold", id, "--json") }()
-	eventually(t, waitTimeout, func() bool {
-		v, err := pg.Psql("spool", fmt.Sprintf("SELECT request FROM spool_messages WHERE id = %d", qid))
-		return err == nil && v != "0" && v != ""
-	})
-	cs.release("n1")
-	r := <-holdDone
-	if r.code != 0 {
-		t.Fatalf("hold failed: %v", r)
-	}
-	var res admin.Result
-	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
-		t.Fatalf("hold --json: %v\n%s", err, r.stdout)
-	}
+	res := holdInFlight(t, pg, other, id, func() { cs.release("n1") })
 	holder.srv.waitLog("operator request applied")
 	final := byID(other.listJSON())[id]
 	t.Logf("hold reported: %+v; the message now: held %v, lease_owner %q", res.Items, final.Held, final.LeaseOwner)
@@ -981,4 +912,53 @@ func TestClusterHoldReportsHeldState(t *testing.T) {
 		t.Errorf("hold reports %+v for a message that the holder then held; "+
 			"the operator waited only until the request was handed to the holder, not until it was applied", res.Items)
 	}
+}
+
+// waitHolder waits until the gate of a or b holds one attempt, and returns
+// that node and the other.
+func waitHolder(t *testing.T, cs *clusterSink, a, b *node) (holder, other *node) {
+	t.Helper()
+	eventually(t, waitTimeout, func() bool {
+		switch {
+		case cs.heldAt(a.name) == 1:
+			holder, other = a, b
+		case cs.heldAt(b.name) == 1:
+			holder, other = b, a
+		}
+		return holder != nil
+	})
+	return holder, other
+}
+
+// holdInFlight runs `maddy spool hold ID --json` on node n for a message
+// in flight on another node: the command must wait (the request recorded
+// in the database) until endAttempt lets the attempt end, and succeed.
+// It returns the command's result.
+func holdInFlight(t *testing.T, pg *pgtest.Cluster, n *node, id string, endAttempt func()) admin.Result {
+	t.Helper()
+	qid, err := strconv.ParseInt(id, 16, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan cliResult, 1)
+	go func() { done <- n.spool("hold", id, "--json") }()
+	eventually(t, waitTimeout, func() bool {
+		v, err := pg.Psql("spool", fmt.Sprintf("SELECT request FROM spool_messages WHERE id = %d", qid))
+		return err == nil && v != "0" && v != ""
+	})
+	select {
+	case r := <-done:
+		t.Fatalf("hold returned before the attempt in flight ended: %v", r)
+	default:
+	}
+	endAttempt()
+	r := <-done
+	if r.code != 0 {
+		t.Fatalf("hold failed: %v", r)
+	}
+	var res admin.Result
+	if err := strictDecode(strings.TrimSpace(r.stdout), &res); err != nil {
+		t.Fatalf("hold --json: %v\n%s", err, r.stdout)
+	}
+	return res
 }
