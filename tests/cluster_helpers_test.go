@@ -28,6 +28,20 @@ import (
 // module accepts, so that a takeover happens within seconds.
 const clusterLease = 10 * time.Second
 
+// clusterSlots bounds the cluster tests running at once: each runs a
+// PostgreSQL server and two or three maddy processes, and all of them at
+// once would starve the other parallel tests (whose waits are bounded by
+// waitTimeout) on a small machine.
+var clusterSlots = make(chan struct{}, 2)
+
+// clusterTest marks t parallel and waits for a cluster slot, held until t
+// and its cleanups are done.
+func clusterTest(t *testing.T) {
+	t.Parallel()
+	clusterSlots <- struct{}{}
+	t.Cleanup(func() { <-clusterSlots })
+}
+
 // newPG starts a throwaway PostgreSQL cluster for the test (skipped
 // outside CI when PostgreSQL is not installed) and removes it at the end.
 func newPG(t *testing.T) *pgtest.Cluster {

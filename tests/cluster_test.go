@@ -85,7 +85,7 @@ func queueIDsByRcpt(list []admin.MessageInfo) map[string]admin.MessageInfo {
 // DSN. The node killed is the one exporting the cluster-wide gauges;
 // afterwards exactly one survivor does.
 func TestClusterNodeKilled(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	const (
 		maxPar = 3
 		nMsgs  = 24
@@ -294,7 +294,7 @@ func TestClusterNodeKilled(t *testing.T) {
 // delivered: that repeat is bounded by the recipients n1 held. The role
 // of exporting the cluster-wide gauges passes from n1 to n2 at the cut.
 func TestClusterNodeCutOff(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	pg := newPG(t)
 	direct := createDB(t, pg, "spool")
 	proxy, viaProxy := newPGProxy(t, pg, "spool")
@@ -472,7 +472,7 @@ func refused(r txResult) bool  { return !r.Accepted }
 // during or after the outage) must be delivered, and the queue drain but
 // for refused messages left under a receiving lease.
 func TestClusterDatabaseOutage(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	pg := newPG(t)
 	dsn := createDB(t, pg, "spool")
 	cs := newClusterSink(t, greylist)
@@ -615,7 +615,7 @@ func TestClusterDatabaseOutage(t *testing.T) {
 // lease plus 10 seconds): the node that holds it keeps renewing its lease,
 // so no other node can step in meanwhile.
 func TestClusterOutageUnsavedOutcome(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	pg := newPG(t)
 	dsn := createDB(t, pg, "spool")
 	// The first try is deferred at the DATA stage, after the gate.
@@ -675,7 +675,7 @@ func TestClusterOutageUnsavedOutcome(t *testing.T) {
 //   - `spool retry --all` on one node makes every message due, whichever
 //     node accepted it, and they are delivered (the held one stays held).
 func TestClusterOperateFromAnyNode(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	pg := newPG(t)
 	dsn := createDB(t, pg, "spool")
 	cs := newClusterSink(t, func(stage, rcpt string, try int) *smtp.SMTPError {
@@ -807,7 +807,7 @@ func waitDeliveredCluster(t *testing.T, cs *clusterSink, m sentMsg) {
 // cannot be reached, and when another running node already uses the node
 // name (that node is left alone).
 func TestClusterStartupErrors(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	pg := newPG(t)
 	dsn := createDB(t, pg, "spool")
 	closed := freePorts(t, 1)[0] // nothing listens there any more
@@ -877,7 +877,7 @@ func TestClusterStartupErrors(t *testing.T) {
 // moment between the holder's two writes (the attempt's outcome, which
 // hands it the request, then the hold itself) is long enough to be seen.
 func TestClusterHoldReportsHeldState(t *testing.T) {
-	t.Parallel()
+	clusterTest(t)
 	pg := newPG(t)
 	direct := createDB(t, pg, "spool")
 	proxy, viaProxy := newPGProxy(t, pg, "spool")
