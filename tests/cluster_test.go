@@ -656,8 +656,8 @@ func TestClusterOutageUnsavedOutcome(t *testing.T) {
 		state += fmt.Sprintf(" %s: lease_owner %s, in_flight %v, tries %d, next_attempt in %v;",
 			mi.ID, mi.LeaseOwner, mi.InFlight, mi.Attempts, time.Until(mi.NextAttempt).Round(time.Second))
 	}
-	t.Errorf("not delivered within %v of PostgreSQL's start: %s keeps the unsaved outcome and its lease, "+
-		"and retries the save only after storeRetryDelay; %s lists:%s", limit, holder.name, other.name, state)
+	t.Errorf("not delivered within %v of PostgreSQL's start: %s keeps the unsaved outcome and its lease "+
+		"and does not save it again in time; %s lists:%s", limit, holder.name, other.name, state)
 	// How long it takes after all, for the record.
 	eventually(t, 2*time.Minute, delivered)
 	t.Logf("delivered %v after PostgreSQL was started", time.Since(up).Round(time.Millisecond))
