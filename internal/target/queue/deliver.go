@@ -71,7 +71,7 @@ func (q *Queue) endCancelled(l *store.Lease, m *store.Message, pendingBefore int
 	} else {
 		req, err = q.store.Release(context.Background(), l)
 	}
-	q.afterWrite(l, m, req, err, "an attempt cancelled by shutdown")
+	q.afterWrite(l, m, req, err, "a cancelled attempt (shutdown, or its lease lost)")
 }
 
 // endUnattempted ends an attempt that could not read the message. A
@@ -106,9 +106,10 @@ func (q *Queue) afterWrite(l *store.Lease, m *store.Message, req store.Request, 
 	}
 }
 
-// errAttemptCancelled is what deliver returns for an attempt the shutdown
-// cancelled: the attempt does not count (see fate.Rules.Apply).
-var errAttemptCancelled = errors.New("attempt cancelled by shutdown")
+// errAttemptCancelled is what deliver returns for an attempt cancelled by
+// the shutdown or by the loss of its lease: the attempt does not count
+// (see fate.Rules.Apply).
+var errAttemptCancelled = errors.New("attempt cancelled (shutdown, or its lease lost)")
 
 // deliver runs one attempt for the pending recipients of m and records the
 // outcome in m (not yet on disk).

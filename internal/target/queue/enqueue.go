@@ -160,9 +160,13 @@ func (d *delivery) Commit(ctx context.Context) error {
 	}
 	req, err := q.store.Commit(ctx, l)
 	if err != nil {
-		// The message stays stored under its receiving lease; when that
-		// expires it is delivered (at least once). Telling the client it
-		// failed may make it send the message again, but never loses it.
+		// The client is told the message failed and sends it again, so
+		// the stored copy is removed: handed back to the expiry of
+		// uncommitted messages, which retries the (fenced) removal until
+		// it succeeds. If the commit did go through and only its reply
+		// was lost, the removal changes nothing and the message is
+		// delivered: at least once.
+		q.receiving.removeLater(l)
 		return d.storeErr(fmt.Errorf("commit: %w", err))
 	}
 	metrics.Enqueued.WithLabelValues(q.label()).Inc()
