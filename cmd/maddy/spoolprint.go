@@ -78,8 +78,10 @@ func (p *listPrinter) message(m admin.MessageInfo) error {
 	switch {
 	case m.Held:
 		next = "held"
+	case m.Receiving:
+		next = "being received"
 	case m.InFlight:
-		next = "being attempted"
+		next = "attempting: " + clean(m.LeaseOwner, 7)
 	}
 	from := m.From
 	if from == "" {
@@ -131,8 +133,10 @@ func printDetail(w io.Writer, d *admin.Detail) error {
 	switch {
 	case d.Held:
 		state = "held (not attempted until released)"
+	case d.Receiving:
+		state = "being received (not committed yet)"
 	case d.InFlight:
-		state = "being attempted now"
+		state = "being attempted now by " + clean(d.LeaseOwner, 200) + ", lease until " + when(d.LeaseExpiry)
 	}
 	row("Message", d.ID+" (instance "+clean(d.Instance, 200)+")")
 	row("State", state)

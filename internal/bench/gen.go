@@ -17,6 +17,7 @@ import (
 	"github.com/foxcpp/maddy/framework/module"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // Backlog describes messages a generator writes straight into a module's
@@ -50,7 +51,7 @@ func Generate(kind Kind, dir string, b Backlog) (time.Duration, error) {
 const generateWorkers = 256
 
 func generateSpool(dir string, b Backlog) error {
-	st, err := store.OpenDir(dir, store.DirOptions{})
+	st, err := embedded.OpenDir(dir, embedded.DirOptions{})
 	if err != nil {
 		return err
 	}

@@ -10,39 +10,27 @@ import (
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
 	"github.com/maddy-spool/spool/internal/target/queue/fate"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
-	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
-// Operator changes never race with deliveries. A message is at any moment
-// owned by exactly one party: the scheduler (waiting in its heap), a
-// worker (in flight), the operators (held), or the client session that is
-// still submitting it (stored by Body, not yet scheduled by Commit). A
-// change to a waiting message takes it out of the heap first
-// (schedule.Remove), which makes the operation its owner; a change to a
-// message in flight is recorded with the scheduler, and the worker applies
-// it when its attempt ends, before giving the message back (see finish). A
-// stored message that is neither scheduled, in flight nor held belongs to
-// its submitting session (or was not loaded at start-up) and is left
-// alone. Changes are serialised by opMu, so two operators never act on one
-// message at once.
+// Operator changes never race with deliveries, on this node or any other:
+// a change is made under the message's lease (see the store package). A
+// message nobody holds is claimed for the change (ClaimID), changed and
+// saved. For a message another party holds (an attempt in flight, on any
+// node, or the session still receiving it), the change is recorded with
+// the store as a request; the holder applies it when it saves the
+// message, before giving the message up (applyRequest), and the operator
+// waits for that for a while. The latest request wins.
 
-// Requests recorded for a message in flight. The latest one wins.
-const (
-	requestHold schedule.Request = iota + 1
-	requestRelease
-	requestDelete
-	requestBounce
-)
-
-var requestOps = map[schedule.Request]admin.Op{
-	requestHold:    admin.OpHold,
-	requestRelease: admin.OpRelease,
-	requestDelete:  admin.OpDelete,
-	requestBounce:  admin.OpBounce,
+// requestOps maps the requests recorded for held messages to operations.
+var requestOps = map[store.Request]admin.Op{
+	store.RequestHold:    admin.OpHold,
+	store.RequestRelease: admin.OpRelease,
+	store.RequestDelete:  admin.OpDelete,
+	store.RequestBounce:  admin.OpBounce,
 }
 
-func requestFor(op admin.Op) schedule.Request {
+func requestFor(op admin.Op) store.Request {
 	for r, o := range requestOps {
 		if o == op {
 			return r
@@ -63,59 +51,39 @@ func bounceStatus(prev *store.SMTPStatus) *store.SMTPStatus {
 	return &store.SMTPStatus{Code: 550, Enhanced: [3]int{5, 0, 0}, Message: text}
 }
 
-// finish hands a message back to the scheduler after an attempt,
-// applying first any operator request made while the attempt ran.
-func (q *Queue) finish(id store.ID, reschedule bool, due time.Time) {
-	for {
-		req := q.sched.Finish(id, reschedule, due)
-		if req == 0 {
-			break
-		}
-		op := requestOps[req]
-		var o admin.Outcome
-		var detail string
-		o, detail, reschedule, due = q.applyOp(q.attemptCtx, id, op, reschedule, due)
-		q.Log.Msg("operator request applied after attempt", "queue_id", id.String(), "op", string(op), "outcome", string(o), "detail", detail)
-	}
-	q.wakeWaiters(id)
-}
+// requestPoll is how often an operator waiting for a request checks
+// whether its holder has applied it.
+const requestPoll = 20 * time.Millisecond
 
 // Apply implements admin.Queue: it runs op on the messages f selects.
-// Messages in flight get the operation when their attempt ends; Apply
-// waits for that until ctx is done.
+// Messages another party holds get the operation when the holder saves
+// them; Apply waits for that until ctx is done.
 func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.Result, error) {
 	res := admin.Result{Instance: q.label(), Op: op}
 	if _, err := admin.ParseOp(string(op)); err != nil {
 		return res, err
-	}
-	select {
-	case <-q.loadDone:
-	case <-ctx.Done():
-		return res, errors.New("the queue is still loading its schedule; try again shortly")
 	}
 	ids, err := admin.Select(q, f, q.clock.Now())
 	if err != nil {
 		return res, err
 	}
 	type waiting struct {
-		id store.ID
-		ch chan struct{}
+		id    store.ID
+		token uint64
 	}
 	var deferred []waiting
 	for _, id := range ids {
-		o, detail, ch := q.applyOne(ctx, id, op)
+		o, detail, token := q.applyOne(ctx, id, op)
 		if o == admin.Deferred {
-			deferred = append(deferred, waiting{id, ch})
+			deferred = append(deferred, waiting{id, token})
 			continue
 		}
 		res.Add(id, o, detail, f.Explicit())
 	}
 	for _, w := range deferred {
 		detail := "being attempted; " + string(op) + " is applied when the attempt ends"
-		select {
-		case <-w.ch:
+		if q.waitApplied(ctx, w.id, w.token) {
 			detail = "applied after the attempt in flight: " + q.describe(w.id)
-		case <-ctx.Done():
 		}
 		res.Add(w.id, admin.Deferred, detail, f.Explicit())
 	}
@@ -125,9 +93,68 @@ func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.R
 	return res, nil
 }
 
+// applyOne runs op on one message: under a lease of its own, or by a
+// request to the party holding it (Deferred, with the token of the lease
+// the request waits for).
+func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.Outcome, string, uint64) {
+	// The holder may end its lease between ClaimID and Request; each
+	// round sees one of them succeed unless the message keeps changing
+	// hands.
+	for range 3 {
+		c, err := q.store.ClaimID(ctx, id)
+		switch {
+		case err == nil:
+			o, detail := q.applyClaimed(ctx, c.Lease, c.Message, op)
+			return o, detail, 0
+		case errors.Is(err, store.ErrNotFound):
+			return admin.NotFound, "not queued", 0
+		case !errors.Is(err, store.ErrLeased):
+			return admin.Failed, err.Error(), 0
+		}
+		req := requestFor(op)
+		if req == 0 {
+			return admin.Unchanged, "being attempted now", 0
+		}
+		switch err := q.store.Request(ctx, id, req); {
+		case err == nil:
+			var token uint64
+			if m, err := q.store.Get(ctx, id); err == nil && m.Lease != nil {
+				token = m.Lease.Token
+			}
+			return admin.Deferred, "", token
+		case errors.Is(err, store.ErrNotFound):
+			return admin.NotFound, "not queued", 0
+		case !errors.Is(err, store.ErrNotLeased):
+			return admin.Failed, err.Error(), 0
+		}
+	}
+	return admin.Failed, "the message kept changing hands; try again", 0
+}
+
+// waitApplied waits until the holder of the lease with token, which a
+// request was recorded for, has ended it: the request is then applied (or
+// the message is gone). A holder keeps its lease while it applies the
+// request it took (see store.Backend.Save), so the request's field being
+// cleared is not enough. False if ctx ended first.
+func (q *Queue) waitApplied(ctx context.Context, id store.ID, token uint64) bool {
+	t := time.NewTicker(requestPoll)
+	defer t.Stop()
+	for {
+		m, err := q.store.Get(ctx, id)
+		if err != nil || m.Lease == nil || m.Lease.Token != token {
+			return true
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
 // describe says where a message stands now, for operator feedback.
 func (q *Queue) describe(id store.ID) string {
-	m, err := q.store.Get(id)
+	m, err := q.store.Get(context.Background(), id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		return "no longer queued (delivered, bounced or deleted)"
@@ -140,166 +167,90 @@ func (q *Queue) describe(id store.ID) string {
 	}
 }
 
-// applyOne runs op on one message: now if it is waiting or held, or by a
-// request to the worker if it is in flight (then the returned channel is
-// closed when the worker has applied it).
-func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.Outcome, string, chan struct{}) {
-	q.opMu.Lock()
-	defer q.opMu.Unlock()
-	req := requestFor(op)
-	// Registered before Remove, so the worker cannot finish unseen in
-	// between.
-	ch, created := q.addWaiter(id)
-	st, due := q.sched.Remove(id, req)
-	if st == schedule.InFlight {
-		if req == 0 {
-			q.dropWaiter(id, ch, created)
-			return admin.Unchanged, "being attempted now", nil
-		}
-		return admin.Deferred, "", ch
-	}
-	q.dropWaiter(id, ch, created)
-	if st == schedule.Unknown {
-		// Only held messages are the operators' when unscheduled.
-		if m, err := q.store.Get(id); err == nil && !m.Held {
-			return admin.Receiving, "not committed to the queue yet (still being received); try again", nil
-		}
-	}
-	o, detail, resched, next := q.applyOp(ctx, id, op, st == schedule.Scheduled, due)
-	if resched {
-		q.sched.Add(id, next)
-	}
-	return o, detail, nil
+// applyRequest applies a request the store returned to the holder of l
+// (an attempt, or a session that committed), and logs it.
+func (q *Queue) applyRequest(ctx context.Context, l *store.Lease, m *store.Message, req store.Request) {
+	op := requestOps[req]
+	o, detail := q.applyClaimed(ctx, l, m, op)
+	q.Log.Msg("operator request applied", "queue_id", m.ID.String(), "op", string(op), "outcome", string(o), "detail", detail)
 }
 
-// applyOp changes a message its caller owns. keep and keepDue say whether
-// and when the message would be due if op changed nothing; the results
-// say it after op.
-func (q *Queue) applyOp(ctx context.Context, id store.ID, op admin.Op, keep bool, keepDue time.Time) (o admin.Outcome, detail string, reschedule bool, due time.Time) {
-	m, err := q.store.Get(id)
-	if err != nil {
-		if errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrCorrupt) {
-			return admin.NotFound, "not queued", false, time.Time{}
-		}
-		return admin.Failed, err.Error(), keep, keepDue
-	}
+// applyClaimed changes m, held under l, as op asks, and ends the lease.
+// A request recorded meanwhile is applied next.
+func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Message, op admin.Op) (admin.Outcome, string) {
 	now := q.clock.Now()
-	save := func() error { return q.store.Update(ctx, m) }
+	o, detail := admin.Changed, ""
 	switch op {
 	case admin.OpHold:
 		if m.Held {
-			return admin.Unchanged, "already held", false, time.Time{}
+			o, detail = admin.Unchanged, "already held"
+			break
 		}
-		m.Held = true
-		if err := save(); err != nil {
-			return admin.Failed, err.Error(), keep, keepDue
-		}
-		q.held.Add(1)
-		return admin.Changed, "held", false, time.Time{}
-
+		m.Held, detail = true, "held"
 	case admin.OpRelease:
 		if !m.Held {
-			return admin.Unchanged, "not held", keep, keepDue
+			o, detail = admin.Unchanged, "not held"
+			break
 		}
-		m.Held, m.NextAttempt = false, now
-		if err := save(); err != nil {
-			return admin.Failed, err.Error(), false, time.Time{}
-		}
-		q.held.Add(-1)
-		return admin.Changed, "released, due now", true, now
-
+		m.Held, m.NextAttempt, detail = false, now, "released, due now"
 	case admin.OpRetry:
-		if m.Held {
-			return admin.Unchanged, "held: release it to retry", false, time.Time{}
+		switch {
+		case m.Held:
+			o, detail = admin.Unchanged, "held: release it to retry"
+		case len(m.Pending()) == 0:
+			o, detail = admin.Unchanged, "no recipient pending"
+		default:
+			m.NextAttempt, detail = now, "due now"
 		}
-		if len(m.Pending()) == 0 {
-			return admin.Unchanged, "no recipient pending", keep, keepDue
-		}
-		m.NextAttempt = now
-		if err := save(); err != nil {
-			return admin.Failed, err.Error(), keep, keepDue
-		}
-		return admin.Changed, "due now", true, now
-
 	case admin.OpDelete:
-		if err := q.store.Delete(ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
-			return admin.Failed, err.Error(), keep, keepDue
+		if err := q.store.Delete(ctx, l); err != nil {
+			return admin.Failed, err.Error()
 		}
-		q.recipients.Add(-int64(len(m.Pending())))
-		q.forget(m)
-		return admin.Changed, "deleted", false, time.Time{}
-
+		return admin.Changed, "deleted"
 	case admin.OpBounce:
-		wasHeld := m.Held
 		n := fate.Bounce(m, bounceStatus)
 		if n == 0 {
-			return admin.Unchanged, "no recipient pending", keep, keepDue
+			o, detail = admin.Unchanged, "no recipient pending"
+			break
 		}
-		if wasHeld {
-			q.held.Add(-1)
+		if err := q.settle(ctx, l, m); err != nil {
+			return admin.Failed, fmt.Sprintf("reports sent, but the failed state could not be saved (%v); they may be sent again", err)
 		}
-		reschedule, due, err = q.settle(ctx, m, n)
-		if err != nil {
-			return admin.Failed, fmt.Sprintf("reports sent, but the failed state could not be saved (%v); they may be sent again", err), keep, keepDue
-		}
-		return admin.Changed, fmt.Sprintf("%d recipients failed, reports sent as requested", n), reschedule, due
+		return admin.Changed, fmt.Sprintf("%d recipients failed, reports sent as requested", n)
+	default:
+		o, detail = admin.Failed, "unknown operation "+string(op)
 	}
-	return admin.Failed, "unknown operation " + string(op), keep, keepDue
-}
-
-// Waiters: operators waiting for a request to be applied by a worker.
-
-func (q *Queue) addWaiter(id store.ID) (ch chan struct{}, created bool) {
-	q.opStateMu.Lock()
-	defer q.opStateMu.Unlock()
-	ch = q.waiters[id]
-	if ch == nil {
-		ch = make(chan struct{})
-		q.waiters[id] = ch
-		created = true
+	var req store.Request
+	var err error
+	if o == admin.Changed {
+		req, err = q.store.Save(ctx, l, m)
+	} else {
+		req, err = q.store.Release(ctx, l)
 	}
-	return ch, created
-}
-
-// dropWaiter removes a channel this operation created and did not need. A
-// channel an earlier operation is still waiting on stays for the worker to
-// close.
-func (q *Queue) dropWaiter(id store.ID, ch chan struct{}, created bool) {
-	q.opStateMu.Lock()
-	defer q.opStateMu.Unlock()
-	if created && q.waiters[id] == ch {
-		delete(q.waiters, id)
+	if err != nil {
+		return admin.Failed, err.Error()
 	}
-}
-
-func (q *Queue) wakeWaiters(id store.ID) {
-	q.opStateMu.Lock()
-	defer q.opStateMu.Unlock()
-	if ch := q.waiters[id]; ch != nil {
-		close(ch)
-		delete(q.waiters, id)
+	if req != 0 {
+		q.applyRequest(ctx, l, m, req)
 	}
+	return o, detail
 }
 
 // The read side of admin.Queue.
 
 // Walk implements admin.Reader.
-func (q *Queue) Walk(fn func(*store.Message) error) error { return q.store.Walk(fn) }
+func (q *Queue) Walk(fn func(*store.Message) error) error {
+	return q.store.Walk(context.Background(), fn)
+}
 
-// Get implements admin.Reader; it returns the state of the latest attempt
-// even when that could not be saved yet.
+// Get implements admin.Reader.
 func (q *Queue) Get(id store.ID) (*store.Message, error) {
-	m, err := q.store.Get(id)
-	return m, err
+	return q.store.Get(context.Background(), id)
 }
 
 // Content implements admin.Reader.
-func (q *Queue) Content(m *store.Message) (store.Content, error) { return q.store.Content(m) }
-
-// InFlight implements admin.Queue.
-func (q *Queue) InFlight(id store.ID) bool {
-	st, _ := q.sched.State(id)
-	return st == schedule.InFlight
+func (q *Queue) Content(m *store.Message) (store.Content, error) {
+	return q.store.Content(context.Background(), m)
 }
 
 // Now implements admin.Queue.

@@ -13,7 +13,6 @@ import (
 
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
-	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/testutils"
 )
@@ -61,11 +60,11 @@ func TestAdminHoldRetryRelease(t *testing.T) {
 	if res.Changed != 1 || res.Matched != 1 {
 		t.Fatalf("hold: %+v", res)
 	}
-	if g := h.q.Gauges(); g.Held != 1 || g.Messages != 1 {
+	if g := h.figures(); g.Held != 1 || g.Messages != 1 {
 		t.Fatalf("gauges after hold: %+v", g)
 	}
-	if st, _ := h.q.sched.State(m.ID); st != schedule.Unknown {
-		t.Fatalf("held message still scheduled: %v", st)
+	if got := h.get(m.ID); !got.Held || got.Lease != nil {
+		t.Fatalf("held message: held %v, lease %+v", got.Held, got.Lease)
 	}
 	// Retry does not override a hold.
 	if res := h.apply(admin.OpRetry, ids(m)); res.Unchanged != 1 || res.Changed != 0 || !strings.Contains(res.Items[0].Detail, "held") {
@@ -79,7 +78,7 @@ func TestAdminHoldRetryRelease(t *testing.T) {
 	}
 	// Holding survives a restart.
 	h.restart()
-	if g := h.q.Gauges(); g.Held != 1 {
+	if g := h.figures(); g.Held != 1 {
 		t.Fatalf("held gauge after restart: %+v", g)
 	}
 	if res := h.apply(admin.OpHold, ids(m)); res.Unchanged != 1 {
@@ -94,7 +93,7 @@ func TestAdminHoldRetryRelease(t *testing.T) {
 		t.Fatalf("delivered %d times after release", n)
 	}
 	h.assertGauges(0, 0)
-	if g := h.q.Gauges(); g.Held != 0 {
+	if g := h.figures(); g.Held != 0 {
 		t.Fatalf("held gauge after delivery: %d", g.Held)
 	}
 }
@@ -103,8 +102,8 @@ func TestAdminRetryMakesDueNow(t *testing.T) {
 	h := newHarness(t)
 	h.target.Rcpt = testutils.FailFirst(1, temp451, "a@x.test")
 	m := h.deferredMessage("s@example.org", "a@x.test")
-	if st, due := h.q.sched.State(m.ID); st != schedule.Scheduled || !due.After(h.clock.Now()) {
-		t.Fatalf("before retry: %v %v", st, due)
+	if got := h.get(m.ID); got.Lease != nil || !got.NextAttempt.After(h.clock.Now()) {
+		t.Fatalf("before retry: lease %+v, next attempt %v", got.Lease, got.NextAttempt)
 	}
 	before := testutil.ToFloat64(metrics.AdminOperations.WithLabelValues("test_queue", "retry"))
 	res := h.apply(admin.OpRetry, admin.Filter{}) // every message
@@ -133,7 +132,7 @@ func TestAdminDeleteSendsNoReport(t *testing.T) {
 		t.Fatalf("after delete: %d queued, %d reports", len(h.queued()), len(h.reports()))
 	}
 	h.assertGauges(0, 0)
-	if g := h.q.Gauges(); g.Held != 0 {
+	if g := h.figures(); g.Held != 0 {
 		t.Fatalf("held gauge %d", g.Held)
 	}
 	if res := h.apply(admin.OpDelete, ids(m)); res.Matched != 0 {
@@ -195,7 +194,7 @@ func TestAdminFilters(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var got []string
-			err := admin.List(h.q, "test_queue", tc.f, h.clock.Now(), h.q.InFlight, func(mi admin.MessageInfo) error {
+			err := admin.List(h.q, "test_queue", tc.f, h.clock.Now(), func(mi admin.MessageInfo) error {
 				got = append(got, mi.ID)
 				return nil
 			})
@@ -211,7 +210,7 @@ func TestAdminFilters(t *testing.T) {
 			}
 		})
 	}
-	st, err := admin.ComputeStats(h.q, "test_queue", h.clock.Now(), h.q.InFlight)
+	st, err := admin.ComputeStats(h.q, "test_queue", h.clock.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,9 +257,8 @@ func TestAdminChangeDuringAttemptAppliedAfterIt(t *testing.T) {
 			// The request is recorded while the attempt is blocked; then
 			// the attempt ends and the worker applies it.
 			waitFor(t, func() bool {
-				h.q.opStateMu.Lock()
-				defer h.q.opStateMu.Unlock()
-				return h.q.waiters[m.ID] != nil
+				got := h.get(m.ID)
+				return got.Lease != nil && got.Lease.Request != 0
 			})
 			h.target.Unblock()
 			a := <-out
@@ -276,8 +274,8 @@ func TestAdminChangeDuringAttemptAppliedAfterIt(t *testing.T) {
 				if q[0].Held != tc.wantHeld {
 					t.Fatalf("held = %v", q[0].Held)
 				}
-				if st, _ := h.q.sched.State(m.ID); st != schedule.Unknown {
-					t.Fatalf("held message rescheduled: %v", st)
+				if got := h.get(m.ID); got.Lease != nil {
+					t.Fatalf("held message still leased: %+v", got.Lease)
 				}
 			}
 			if tc.op == admin.OpBounce && len(h.reports()) != 1 {
@@ -286,8 +284,8 @@ func TestAdminChangeDuringAttemptAppliedAfterIt(t *testing.T) {
 			if tc.op == admin.OpDelete && len(h.reports()) != 0 {
 				t.Fatal("delete sent a report")
 			}
-			if want := int64(tc.wantQueue); h.q.Gauges().Messages != want {
-				t.Fatalf("messages gauge %d, want %d", h.q.Gauges().Messages, want)
+			if want := int64(tc.wantQueue); h.figures().Messages != want {
+				t.Fatalf("messages gauge %d, want %d", h.figures().Messages, want)
 			}
 		})
 	}
@@ -306,7 +304,10 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 }
 
-func TestAdminSkipsMessageBeingReceived(t *testing.T) {
+// TestAdminChangeToMessageBeingReceived: a change aimed at a message whose
+// client's transaction is not committed yet is recorded, and applied when
+// the transaction commits.
+func TestAdminChangeToMessageBeingReceived(t *testing.T) {
 	h := newHarness(t)
 	ctx := context.Background()
 	d, err := h.q.Start(ctx, testMeta(), "s@example.org")
@@ -317,15 +318,23 @@ func TestAdminSkipsMessageBeingReceived(t *testing.T) {
 	if err := d.Body(ctx, textproto.Header{}, buffer.MemoryBuffer{Slice: []byte(testBody)}); err != nil {
 		t.Fatal(err)
 	}
-	res := h.apply(admin.OpHold, admin.Filter{})
-	if res.Missing != 1 || res.Items[0].Outcome != admin.Receiving {
-		t.Fatalf("hold of a message being received: %+v", res)
+	ctxShort, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	res, err := h.q.Apply(ctxShort, admin.OpHold, admin.Filter{})
+	if err != nil || res.Deferred != 1 {
+		t.Fatalf("hold of a message being received: %+v, %v", res, err)
 	}
 	if err := d.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
-	h.waitAttempts(1)
-	if h.target.CountDelivered("a@x.test") != 1 {
-		t.Fatal("not delivered")
+	m := h.queued()[0]
+	if !m.Held || m.Lease != nil {
+		t.Fatalf("after the commit: held %v, lease %+v", m.Held, m.Lease)
+	}
+	if g := h.figures(); g.Held != 1 || g.Messages != 1 {
+		t.Fatalf("figures %+v", g)
+	}
+	if h.target.Attempts() != 0 {
+		t.Fatal("a message held before its commit was attempted")
 	}
 }

@@ -37,7 +37,40 @@ type settings struct {
 	// returnSizeLimit is the largest original (header and body) a RET=FULL
 	// failure report returns whole; larger ones get their header only.
 	returnSizeLimit int64
+	// store says where messages are kept (the store directive).
+	store storeSettings
 }
+
+// storeKind is a store backend.
+type storeKind uint8
+
+const (
+	storeEmbedded storeKind = iota
+	storePostgres
+)
+
+// storeSettings are the store directive: embedded (the default) or
+// postgres { dsn ...; node ...; lease ... }.
+type storeSettings struct {
+	kind storeKind
+	// dsn is the PostgreSQL connection string.
+	dsn string
+	// node names this server among the nodes sharing the store.
+	node string
+	// lease is how long a claim lasts unless renewed.
+	lease time.Duration
+}
+
+// defaultLease is the lease directive's default: long enough that a
+// renewal every third of it survives a pause of a few minutes, short
+// enough that mail a dead node held is taken over within minutes.
+const defaultLease = 5 * time.Minute
+
+// minLease is the shortest lease accepted. Short leases hand a dead node's
+// mail over sooner, and make a node that pauses (a long garbage
+// collection, a stalled disk, a suspended VM) for a third of the lease
+// lose its attempts to other nodes; tests use it, production should not.
+const minLease = 10 * time.Second
 
 // rules are the per-recipient rules these settings give.
 func (s *settings) rules() fate.Rules {
@@ -133,6 +166,8 @@ func (q *Queue) configure(cfg *config.Map) error {
 			}
 			return uint64(v), nil
 		}, &s.minFreeSpace)
+	cfg.Custom("store", false, false, func() (interface{}, error) { return storeSettings{}, nil },
+		func(_ *config.Map, n config.Node) (interface{}, error) { return parseStore(cfg.Globals, n) }, &s.store)
 	cfg.Custom("bounce", false, false, nil, func(_ *config.Map, n config.Node) (interface{}, error) {
 		return &n, nil
 	}, &bounceNode)
@@ -191,11 +226,73 @@ func (q *Queue) configure(cfg *config.Map) error {
 		s.adminSocket = ""
 	}
 
+	if s.store.lease == 0 {
+		s.store.lease = defaultLease
+	}
+	if s.store.node == "" {
+		s.store.node = s.hostname
+	}
+	if q.location == "" && s.store.kind == storePostgres {
+		q.location = "postgres" // names the instance in metrics; no files
+	}
 	if q.location == "" {
 		if q.name == "" {
 			return config.NodeErr(block, "%s: an inline definition needs a location argument", ModName)
 		}
 		q.location = filepath.Join(config.StateDirectory, q.name)
+	}
+	return nil
+}
+
+// parseStore reads the store directive:
+//
+//	store embedded
+//	store postgres {
+//	    dsn "host=/run/postgresql dbname=spool user=maddy"
+//	    node mx1        # default: the global hostname
+//	    lease 5m        # default; renewed while an attempt runs
+//	}
+func parseStore(globals map[string]interface{}, n config.Node) (interface{}, error) {
+	if len(n.Args) != 1 {
+		return nil, config.NodeErr(n, "store: want embedded or postgres, got %q", strings.Join(n.Args, " "))
+	}
+	switch n.Args[0] {
+	case "embedded":
+		if len(n.Children) > 0 {
+			return nil, config.NodeErr(n, "store embedded takes no block (its directory is location)")
+		}
+		return storeSettings{kind: storeEmbedded}, nil
+	case "postgres":
+	default:
+		return nil, config.NodeErr(n, "store: unknown store %q, want embedded or postgres", n.Args[0])
+	}
+	st := storeSettings{kind: storePostgres}
+	m := config.NewMap(globals, n)
+	m.String("dsn", false, true, "", &st.dsn)
+	m.String("node", false, false, "", &st.node)
+	durationDirective(m, "lease", defaultLease, false, &st.lease)
+	if _, err := m.Process(); err != nil {
+		return nil, err
+	}
+	if st.lease < minLease {
+		return nil, config.NodeErr(n, "store postgres: lease %v is too short: an attempt renews its lease every third of it, and a pause of the node longer than that hands its mail to another node; use %v or more", st.lease, minLease)
+	}
+	if err := checkNodeName(st.node); err != nil {
+		return nil, config.NodeErr(n, "store postgres: node: %v", err)
+	}
+	return st, nil
+}
+
+// checkNodeName refuses node names that would be unreadable in logs,
+// listings and metrics.
+func checkNodeName(s string) error {
+	if len(s) > 64 {
+		return fmt.Errorf("%q is longer than 64 characters", s[:64]+"...")
+	}
+	for _, r := range s {
+		if r <= ' ' || r == 0x7f || r > '~' {
+			return fmt.Errorf("%q: use letters, digits and punctuation, no spaces", s)
+		}
 	}
 	return nil
 }

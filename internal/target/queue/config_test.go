@@ -129,3 +129,46 @@ func TestConfigReturnSizeLimit(t *testing.T) {
 		})
 	}
 }
+
+func TestConfigStore(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		want       storeSettings
+		err        []string // substrings of the error; none: accepted
+	}{
+		{"default", "target dummy", storeSettings{kind: storeEmbedded, node: "mx.example.org", lease: defaultLease}, nil},
+		{"embedded", "target dummy\nstore embedded", storeSettings{kind: storeEmbedded, node: "mx.example.org", lease: defaultLease}, nil},
+		{"postgres", "target dummy\nstore postgres {\n dsn \"host=/run/postgresql dbname=spool\"\n node mx1\n lease 2m\n}",
+			storeSettings{kind: storePostgres, dsn: "host=/run/postgresql dbname=spool", node: "mx1", lease: 2 * time.Minute}, nil},
+		{"postgres defaults", "target dummy\nstore postgres {\n dsn x\n}",
+			storeSettings{kind: storePostgres, dsn: "x", node: "mx.example.org", lease: defaultLease}, nil},
+		{"no dsn", "target dummy\nstore postgres {\n node mx1\n}", storeSettings{}, []string{"spool.conf:3", "dsn"}},
+		{"unknown store", "target dummy\nstore redis", storeSettings{}, []string{"spool.conf:3", "redis", "embedded or postgres"}},
+		{"embedded with a block", "target dummy\nstore embedded {\n dsn x\n}", storeSettings{}, []string{"spool.conf:3", "embedded"}},
+		{"short lease", "target dummy\nstore postgres {\n dsn x\n lease 5s\n}", storeSettings{}, []string{"spool.conf:3", "lease", "10s"}},
+		{"bad lease", "target dummy\nstore postgres {\n dsn x\n lease soon\n}", storeSettings{}, []string{"spool.conf:5", "lease", "soon"}},
+		{"node with a space", "target dummy\nstore postgres {\n dsn x\n node \"mx 1\"\n}", storeSettings{}, []string{"spool.conf:3", "node"}},
+		{"unknown directive", "target dummy\nstore postgres {\n dsn x\n pool 5\n}", storeSettings{}, []string{"spool.conf:5", "pool"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q, err := configureFromText(t, tc.body)
+			if tc.err == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if q.cfg.store != tc.want {
+					t.Fatalf("store settings %+v, want %+v", q.cfg.store, tc.want)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tc.err {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}

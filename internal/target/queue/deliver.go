@@ -29,77 +29,99 @@ const (
 	reportGiveUp     = 24 * time.Hour
 )
 
-// attempt is run by the scheduler for each due message, at most
-// max_parallelism at once; it calls delivered once the nested target is
-// done with the message, so the next delivery can start while the outcome
-// is being saved. It ends with q.finish, which hands the message back to
-// the scheduler after applying any operator request made while the
-// attempt ran.
-func (q *Queue) attempt(id store.ID, delivered func()) {
-	resched, due := q.attemptOnce(id, delivered)
-	q.finish(id, resched, due)
-}
+// attempt runs one claimed message, at most max_parallelism at once; it
+// calls delivered once the nested target is done with the message, so the
+// next delivery can start while the outcome is being saved. The message's
+// lease is renewed while the attempt runs; when the attempt ends, the new
+// state is saved under that lease, after any operator request recorded
+// meanwhile is applied (see store.Backend.Save).
+func (q *Queue) attempt(c store.Claim, delivered func()) {
+	ctx, cancel := context.WithCancel(q.attemptCtx)
+	defer cancel()
+	q.flights.add(c.Lease, cancel)
+	defer q.flights.remove(c.Lease.ID)
 
-// attemptOnce runs the attempt and says whether and when the message is
-// due again.
-func (q *Queue) attemptOnce(id store.ID, delivered func()) (reschedule bool, due time.Time) {
-	m, err := q.store.Get(id)
-	if err != nil {
-		return q.loadErrorDecision(id, err)
-	}
-	if m.Held {
-		return false, time.Time{} // the operators' until released
-	}
+	m := c.Message
 	pendingBefore := len(m.Pending())
+	var err error
 	if pendingBefore > 0 {
-		err := q.deliver(m)
-		if errors.Is(err, errAttemptCancelled) {
-			delivered()
-			q.saveCancelled(m, pendingBefore)
-			return false, time.Time{}
-		}
-		if err != nil {
-			return q.loadErrorDecision(id, err)
-		}
+		err = q.deliver(ctx, m)
 	}
 	delivered()
-	reschedule, due, err = q.settle(q.stopping, m, pendingBefore)
-	if err != nil {
-		// Not saved by the shutdown: the attempt is repeated after restart.
-		return false, time.Time{}
-	}
-	return reschedule, due
-}
-
-func (q *Queue) loadErrorDecision(id store.ID, err error) (reschedule bool, due time.Time) {
 	switch {
-	case errors.Is(err, store.ErrNotFound):
-		// Deleted meanwhile (e.g. by an operator): nothing to do.
-		return false, time.Time{}
-	case errors.Is(err, store.ErrCorrupt):
-		// Quarantined by the store; onQuarantine counted and logged it.
-		return false, time.Time{}
+	case errors.Is(err, errAttemptCancelled):
+		q.endCancelled(c.Lease, m, pendingBefore)
+	case err != nil:
+		q.endUnattempted(c.Lease, m, err)
 	default:
-		q.Log.Error("cannot read queued message, will retry", err, "queue_id", id.String())
-		return true, q.clock.Now().Add(storeRetryDelay)
+		q.settle(q.stopping, c.Lease, m)
 	}
 }
 
-// errAttemptCancelled is what deliver returns for an attempt the shutdown
-// cancelled: the attempt does not count (see fate.Rules.Apply).
-var errAttemptCancelled = errors.New("attempt cancelled by shutdown")
+// endCancelled saves the recipients an attempt cancelled by shutdown (or
+// by the loss of its lease) delivered, so they are not sent again; the
+// rest of the message is as it was. Reports owed to those recipients are
+// sent by the next attempt, which also removes the message once nothing
+// is pending.
+func (q *Queue) endCancelled(l *store.Lease, m *store.Message, pendingBefore int) {
+	var req store.Request
+	var err error
+	if len(m.Pending()) < pendingBefore {
+		req, err = q.store.Save(context.Background(), l, m)
+	} else {
+		req, err = q.store.Release(context.Background(), l)
+	}
+	q.afterWrite(l, m, req, err, "a cancelled attempt (shutdown, or its lease lost)")
+}
+
+// endUnattempted ends an attempt that could not read the message. A
+// damaged message has been quarantined (and its lease ended with it); one
+// that could not be read for another reason (an I/O error, a database
+// that cannot be reached) is tried again a little later, without counting
+// a try.
+func (q *Queue) endUnattempted(l *store.Lease, m *store.Message, err error) {
+	if errors.Is(err, store.ErrCorrupt) || errors.Is(err, store.ErrNotFound) {
+		return
+	}
+	q.Log.Error("cannot read queued message, will retry", err, "queue_id", m.ID.String())
+	m.NextAttempt = q.clock.Now().Add(storeRetryDelay)
+	req, err := q.store.Save(context.Background(), l, m)
+	q.afterWrite(l, m, req, err, "a message that could not be read")
+}
+
+// afterWrite handles the result of a write that ends a lease: an operator
+// request recorded meanwhile is applied, a lost lease means another node
+// took the message over (its outcome stands, this one is dropped).
+func (q *Queue) afterWrite(l *store.Lease, m *store.Message, req store.Request, err error, what string) {
+	switch {
+	case errors.Is(err, store.ErrLeaseLost):
+		q.Log.Msg("lease lost; another node took the message over, dropping this node's outcome", "queue_id", m.ID.String(), "of", what)
+	case err != nil:
+		// The lease expires and the message is attempted again: at
+		// least once.
+		metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreSave).Inc()
+		q.Log.Error("cannot save queue state", err, "queue_id", m.ID.String(), "of", what)
+	case req != 0:
+		q.applyRequest(context.Background(), l, m, req)
+	}
+}
+
+// errAttemptCancelled is what deliver returns for an attempt cancelled by
+// the shutdown or by the loss of its lease: the attempt does not count
+// (see fate.Rules.Apply).
+var errAttemptCancelled = errors.New("attempt cancelled (shutdown, or its lease lost)")
 
 // deliver runs one attempt for the pending recipients of m and records the
 // outcome in m (not yet on disk).
-func (q *Queue) deliver(m *store.Message) error {
-	content, err := q.store.Content(m)
+func (q *Queue) deliver(ctx context.Context, m *store.Message) error {
+	content, err := q.store.Content(ctx, m)
 	if err != nil {
 		return err
 	}
 	header, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(content.Header)))
 	if err != nil {
 		reason := fmt.Errorf("stored header cannot be parsed: %w", err)
-		q.store.Quarantine(m.ID, reason)
+		q.store.Quarantine(ctx, m.ID, reason)
 		return fmt.Errorf("%w: %v", store.ErrCorrupt, reason)
 	}
 
@@ -110,7 +132,7 @@ func (q *Queue) deliver(m *store.Message) error {
 	}
 	now := q.clock.Now()
 	started := time.Now()
-	errs := attempt.Run(q.attemptCtx, q.target, attempt.Message{
+	errs := attempt.Run(ctx, q.target, attempt.Message{
 		Meta:   q.nestedMeta(m),
 		From:   m.From,
 		Rcpts:  rcpts,
@@ -124,7 +146,7 @@ func (q *Queue) deliver(m *store.Message) error {
 			a.Results[i] = &st
 		}
 	}
-	if q.attemptCtx.Err() != nil {
+	if ctx.Err() != nil {
 		a.Cancelled = true
 		q.cfg.rules().Apply(m, a, 0)
 		return errAttemptCancelled
@@ -171,80 +193,74 @@ func (q *Queue) nestedMeta(m *store.Message) *module.MsgMetadata {
 	return meta
 }
 
-// saveCancelled saves the recipients a cancelled attempt delivered, so
-// they are not sent again after the restart. Their reports, if owed, are
-// sent by the first attempt after it, which also removes the message once
-// nothing is pending.
-func (q *Queue) saveCancelled(m *store.Message, pendingBefore int) {
-	delivered := pendingBefore - len(m.Pending())
-	if delivered == 0 {
-		return
-	}
-	q.recipients.Add(-int64(delivered))
-	if err := q.store.Update(context.Background(), m); err != nil && !errors.Is(err, store.ErrNotFound) {
-		q.Log.Error("cannot save the recipients delivered by an attempt cancelled by shutdown; they are sent again after restart", err, "queue_id", m.ID.String())
-	}
-}
-
 // settle sends the DSNs that m's state makes due, then removes the message
-// if nothing is left to do, or saves it; it says whether and when the
-// message is due again. DSNs go out before the state that records them is
-// saved: a crash in between repeats a report rather than losing it.
-// pendingBefore is the number of recipients pending before the change
-// that led here, for the recipient gauge. A failed save is retried (see
-// saveOutcome) until retry's context ends.
-func (q *Queue) settle(retry context.Context, m *store.Message, pendingBefore int) (reschedule bool, due time.Time, err error) {
+// if nothing is left to do, or saves it, under the lease l; an operator
+// request recorded meanwhile is then applied. DSNs go out before the state
+// that records them is saved: a crash in between repeats a report rather
+// than losing it. A failed write is retried (see saveOutcome) until
+// retry's context ends.
+func (q *Queue) settle(retry context.Context, l *store.Lease, m *store.Message) error {
 	now := q.clock.Now()
 	reportPending := q.sendReports(m, now)
-	pendingAfter := len(m.Pending())
-
-	remove := pendingAfter == 0 && !reportPending
-	if pendingAfter == 0 && !remove {
+	remove := len(m.Pending()) == 0 && !reportPending
+	if len(m.Pending()) == 0 && !remove {
 		m.NextAttempt = now.Add(reportRetryDelay)
 	}
-	switch err := q.saveOutcome(retry, m, remove); {
-	case errors.Is(err, store.ErrNotFound):
-		// Deleted meanwhile: it left the gauges then.
-		return false, time.Time{}, nil
+	req, err := q.saveOutcome(retry, l, m, remove)
+	switch {
+	case errors.Is(err, store.ErrLeaseLost):
+		q.Log.Msg("lease lost; another node took the message over, dropping this node's outcome", "queue_id", m.ID.String())
+		return err
 	case err != nil:
-		return false, time.Time{}, err
-	}
-	q.recipients.Add(int64(pendingAfter - pendingBefore))
-	if remove {
-		q.forget(m)
+		return err
+	case remove:
 		q.Log.Debugf("%v done after %d attempts", m.ID, m.Attempts)
-		return false, time.Time{}, nil
+	case req != 0:
+		q.applyRequest(retry, l, m, req)
 	}
-	return !m.Held, m.NextAttempt, nil
+	return nil
 }
 
-// saveOutcome writes m's new state, or removes m. A failed write is
-// retried every storeRetryDelay by the caller's goroutine, which for an
-// attempt keeps the message in flight and its scheduler slot taken
-// meanwhile: outcomes not yet saved are bounded by the scheduler's slots
-// (see schedule.SavesPerSlot), and once every slot waits for the disk no
+// saveOutcome writes m's new state under l, or removes m. A failed write
+// is retried by the caller's goroutine, after a second, then twice as long
+// each time up to storeRetryDelay (so a database back after an outage gets
+// the outcome within a second or two, and a full disk is not hammered);
+// for an attempt this keeps the message's lease and its dispatcher slot
+// meanwhile: outcomes not yet saved are bounded by the dispatcher's slots
+// (see schedule.SavesPerSlot), and once every slot waits for the store no
 // new attempt starts. It gives up when retry ends (shutdown, or an
-// operator who stopped waiting) or the store has failed; the attempt is
-// then repeated after restart.
-func (q *Queue) saveOutcome(retry context.Context, m *store.Message, remove bool) error {
+// operator who stopped waiting), when the store has failed, or the lease
+// is lost; the attempt is then repeated (after restart, or by the node
+// that took the message over).
+func (q *Queue) saveOutcome(retry context.Context, l *store.Lease, m *store.Message, remove bool) (store.Request, error) {
+	wait := firstSaveRetry
 	for {
-		var err error
 		// Not retry: a write handed to the store is finished or failed as
 		// a whole, and its result is what this says.
+		var req store.Request
+		var err error
 		if remove {
-			err = q.store.Delete(context.Background(), m.ID)
+			err = q.store.Delete(context.Background(), l)
 		} else {
-			err = q.store.Update(context.Background(), m)
+			req, err = q.store.Save(context.Background(), l, m)
 		}
-		if err == nil || errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrFailed) {
-			return err // no retry can succeed on a failed store
+		if err == nil || errors.Is(err, store.ErrLeaseLost) || errors.Is(err, store.ErrFailed) {
+			return req, err // no retry can succeed
 		}
-		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
-		if !q.sleep(retry, storeRetryDelay) {
-			return err
+		if errors.Is(err, store.ErrNotFound) {
+			return 0, store.ErrLeaseLost
 		}
+		metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreSave).Inc()
+		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String(), "in", wait.String())
+		if !q.sleep(retry, wait) {
+			return 0, err
+		}
+		wait = min(2*wait, storeRetryDelay)
 	}
 }
+
+// firstSaveRetry is how soon a failed save is retried the first time.
+const firstSaveRetry = time.Second
 
 // sleep waits for d on the queue's clock; false if ctx ended first.
 func (q *Queue) sleep(ctx context.Context, d time.Duration) bool {
@@ -255,14 +271,5 @@ func (q *Queue) sleep(ctx context.Context, d time.Duration) bool {
 		return true
 	case <-ctx.Done():
 		return false
-	}
-}
-
-// forget updates the gauges for a message that has left the store (its
-// pending recipients must already be subtracted).
-func (q *Queue) forget(m *store.Message) {
-	q.messages.Add(-1)
-	if m.Held {
-		q.held.Add(-1)
 	}
 }

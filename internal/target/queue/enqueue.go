@@ -29,6 +29,7 @@ type delivery struct {
 	rcpts []store.Rcpt
 	seen  map[string]bool
 	msg   *store.Message // set once stored
+	lease *store.Lease   // the receiving lease of msg
 }
 
 var _ module.PartialDelivery = (*delivery)(nil)
@@ -96,24 +97,26 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 		return d.storeErr(err)
 	}
 	defer r.Close()
-	if err := q.store.Create(ctx, m, hdr.Bytes(), r, int64(body.Len())); err != nil {
+	l, err := q.store.Create(ctx, m, hdr.Bytes(), r, int64(body.Len()))
+	if err != nil {
 		return d.storeErr(err)
 	}
-	d.msg = m
-	q.receiving.add(m.ID, now)
+	d.msg, d.lease = m, l
+	q.receiving.add(l, now)
 	return nil
 }
 
 // storeErr turns a storage failure into a temporary SMTP error, so the
 // client keeps the message and tries again later: 451 4.3.1 ("insufficient
 // system storage" in RFC 3463 terms covers full disks and I/O errors), or
-// 4.3.0 once the store has stopped after a failed write and refuses
-// everything until a restart.
+// 4.3.0 ("other or undefined mail system status") once the embedded store
+// has stopped after a failed write, or when the database of a shared
+// store cannot be reached.
 func (d *delivery) storeErr(err error) error {
 	metrics.EnqueueFailures.WithLabelValues(d.q.label(), metrics.ReasonStoreError).Inc()
 	d.q.Log.Error("cannot queue message", err, "msg_id", d.meta.ID)
 	code := exterrors.EnhancedCode{4, 3, 1}
-	if errors.Is(err, store.ErrFailed) {
+	if errors.Is(err, store.ErrFailed) || d.q.cfg.store.kind == storePostgres {
 		code = exterrors.EnhancedCode{4, 3, 0}
 	}
 	return &exterrors.SMTPError{
@@ -135,17 +138,17 @@ func (d *delivery) BodyNonAtomic(ctx context.Context, c module.StatusCollector, 
 	}
 }
 
-// Commit schedules the stored message for its first attempt. It fails,
-// so the client is not told the message was accepted, if the message was
+// Commit queues the stored message for its first attempt. It fails, so
+// the client is not told the message was accepted, if the message was
 // removed meanwhile because the transaction took too long (see
-// receiving.go).
+// receiving.go), or the store cannot record the commit.
 func (d *delivery) Commit(ctx context.Context) error {
 	if d.msg == nil {
 		return nil
 	}
 	q := d.q
-	m := d.msg
-	d.msg = nil
+	m, l := d.msg, d.lease
+	d.msg, d.lease = nil, nil
 	if !q.receiving.take(m.ID) {
 		q.Log.Msg("commit after the queue entry was removed as never committed; refusing", "queue_id", m.ID.String(), "msg_id", m.MsgID)
 		return &exterrors.SMTPError{
@@ -155,12 +158,23 @@ func (d *delivery) Commit(ctx context.Context) error {
 			TargetName:   ModName,
 		}
 	}
-	q.messages.Add(1)
-	q.recipients.Add(int64(len(m.Rcpts)))
+	req, err := q.store.Commit(ctx, l)
+	if err != nil {
+		// The client is told the message failed and sends it again, so
+		// the stored copy is removed: handed back to the expiry of
+		// uncommitted messages, which retries the (fenced) removal until
+		// it succeeds. If the commit did go through and only its reply
+		// was lost, the removal changes nothing and the message is
+		// delivered: at least once.
+		q.receiving.removeLater(l)
+		return d.storeErr(fmt.Errorf("commit: %w", err))
+	}
 	metrics.Enqueued.WithLabelValues(q.label()).Inc()
-	// From here on operators may act on it (see admin.go).
-	q.sched.Add(m.ID, m.NextAttempt)
 	q.Log.Debugf("queued %v (msg_id %s) for %d recipients", m.ID, m.MsgID, len(m.Rcpts))
+	if req != 0 {
+		// An operator acted on the message while it was being received.
+		q.applyRequest(context.Background(), l, m, req)
+	}
 	return nil
 }
 
@@ -170,12 +184,12 @@ func (d *delivery) Abort(ctx context.Context) error {
 	if d.msg == nil {
 		return nil
 	}
-	id := d.msg.ID
-	d.msg = nil
-	if !d.q.receiving.take(id) {
+	l := d.lease
+	d.msg, d.lease = nil, nil
+	if !d.q.receiving.take(l.ID) {
 		return nil // removed already
 	}
-	return d.q.removeUncommitted(ctx, id)
+	return d.q.removeUncommitted(ctx, l)
 }
 
 func mailOptions(o smtp.MailOptions) store.MailOptions {

@@ -36,8 +36,8 @@ func (q *Queue) freeSpace() (uint64, error) {
 // leave less than min_free_space free. A failing statfs does not refuse
 // mail: the store reports real write errors itself.
 func (q *Queue) checkFreeSpace(size int64) error {
-	if q.cfg.minFreeSpace == 0 {
-		return nil
+	if q.cfg.minFreeSpace == 0 || q.cfg.store.kind != storeEmbedded {
+		return nil // a shared store's disk is the database server's
 	}
 	free, err := q.freeSpace()
 	if err != nil {

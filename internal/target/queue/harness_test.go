@@ -3,6 +3,7 @@ package queue
 import (
 	"bytes"
 	"context"
+	"os"
 	"testing"
 	"time"
 
@@ -12,12 +13,21 @@ import (
 	"github.com/foxcpp/maddy/framework/log"
 	"github.com/foxcpp/maddy/framework/module"
 
+	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 	"github.com/maddy-spool/spool/internal/testutils"
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
 
 var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
+
+// onPostgres makes new harnesses run on a PostgreSQL store (see
+// TestOnPostgres) instead of the embedded one.
+var onPostgres bool
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
 // harness runs a Queue on a temporary directory with fake targets and a
 // fake clock. Attempts are awaited through the onAttemptDone seam.
@@ -32,10 +42,13 @@ type harness struct {
 
 	// wrapStore, if set, wraps the store the next open runs on;
 	// noWaitLoad makes open return before the stored schedule is loaded.
-	wrapStore  func(store.Store) store.Store
+	wrapStore  func(store.Backend) store.Backend
 	noWaitLoad bool
-	// dirOpts, if set, adjusts the options the store is opened with.
-	dirOpts func(*store.DirOptions)
+	// storeOpts, if set, adjusts the options the embedded store is
+	// opened with (a test setting it runs on the embedded store only).
+	storeOpts func(*embedded.Options)
+	// pgDSN is the database of the harness's PostgreSQL store.
+	pgDSN string
 
 	done chan store.ID
 }
@@ -53,6 +66,7 @@ func testSettings() settings {
 		dsnDisplayName:  "Mail Delivery System",
 		shutdownTimeout: 5 * time.Second,
 		successAction:   "relayed",
+		store:           storeSettings{node: "test-node", lease: defaultLease},
 	}
 }
 
@@ -92,15 +106,32 @@ func (h *harness) open() {
 	// Entries are checked often in real time; whether they expired is
 	// decided on the fake clock.
 	q.receivingCheckEvery = time.Millisecond
-	opts := store.DirOptions{OnQuarantine: q.onQuarantine, OnFailed: q.onStoreFailed, Logf: q.Log.Printf}
-	if h.dirOpts != nil {
-		h.dirOpts(&opts)
+	var s store.Backend
+	if onPostgres {
+		if h.storeOpts != nil {
+			h.t.Skip("needs the embedded store")
+		}
+		if h.pgDSN == "" {
+			h.pgDSN = pgtest.Database(h.t)
+		}
+		q.cfg.store.kind, q.cfg.store.dsn = storePostgres, h.pgDSN
+		st, err := openPostgres(q)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		s = st
+	} else {
+		opts := q.embeddedOptions()
+		if h.storeOpts != nil {
+			h.storeOpts(&opts)
+		}
+		st, err := embedded.Open(h.dir, opts)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		s = st
 	}
-	st, err := store.OpenDir(h.dir, opts)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	var s store.Store = st
+	st := s
 	if h.wrapStore != nil {
 		s = h.wrapStore(st)
 	}
@@ -205,7 +236,7 @@ func (h *harness) advance(d time.Duration) {
 func (h *harness) queued() []*store.Message {
 	h.t.Helper()
 	var out []*store.Message
-	if err := h.q.store.Walk(func(m *store.Message) error { out = append(out, m); return nil }); err != nil {
+	if err := h.q.store.Walk(context.Background(), func(m *store.Message) error { out = append(out, m); return nil }); err != nil {
 		h.t.Fatal(err)
 	}
 	return out
@@ -213,10 +244,37 @@ func (h *harness) queued() []*store.Message {
 
 func (h *harness) assertGauges(messages, recipients int64) {
 	h.t.Helper()
-	g := h.q.Gauges()
+	g := h.figures()
 	if g.Messages != messages || g.Recipients != recipients {
-		h.t.Fatalf("gauges: %d messages, %d recipients; want %d, %d", g.Messages, g.Recipients, messages, recipients)
+		h.t.Fatalf("gauges: %+v; want %d messages, %d recipients", g, messages, recipients)
 	}
+}
+
+// figures returns the queue figures the gauges show. A node of a shared
+// store reports them once it holds the reporter role, which a restarted
+// node takes over from its previous run within a poll interval.
+func (h *harness) figures() metrics.QueueFigures {
+	h.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if g := h.q.Gauges().Queue; g != nil {
+			return *g
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatal("the queue reports no figures")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// get reads one message from the store.
+func (h *harness) get(id store.ID) *store.Message {
+	h.t.Helper()
+	m, err := h.q.store.Get(context.Background(), id)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return m
 }
 
 // reports returns the DSNs the bounce pipeline received.

@@ -5,31 +5,38 @@
 //
 // The package is the module glue; each concern has its own package:
 //
-//	store     on-disk storage and its durability contract
-//	schedule  retry policy and the scheduler that dispatches due messages
-//	attempt   one delivery attempt and how failures map to recipients
-//	metrics   Prometheus metrics
-//	admin     operator operations, views and the control socket
-//	migrate   import of maddy target.queue directories
-//	internal/dsn  the delivery status notification format
+//	store           the store boundary: what is kept of a message, and
+//	                Backend, the interface a storage backend implements
+//	                (leases, fencing, operator requests)
+//	store/embedded  the default backend: bbolt and files, one process
+//	store/postgres  the shared backend: PostgreSQL, several maddy nodes
+//	fate            the per-recipient rules (Apply decides a recipient's
+//	                fate after an attempt; which reports are owed)
+//	schedule        retry policy, and the dispatcher that claims due
+//	                messages from the store for a bounded set of workers
+//	attempt         one delivery attempt and how failures map to recipients
+//	metrics         Prometheus metrics
+//	admin           operator operations, views and the control socket
+//	migrate         import of maddy target.queue directories
+//	internal/dsn    the delivery status notification format
 //
-// In this package: enqueue.go accepts mail, deliver.go runs attempts and
-// settles their outcome, report.go decides and sends DSNs, admin.go
-// applies operator changes, freespace.go guards the disk, config.go reads
-// the configuration.
+// In this package: enqueue.go accepts mail, receiving.go times out
+// messages never committed, deliver.go runs an attempt and settles its
+// outcome, lease.go renews the leases of attempts in flight, report.go
+// sends DSNs, admin.go applies operator changes, freespace.go guards the
+// disk, config.go reads the configuration.
 //
 // A message is accepted (Body or BodyNonAtomic returns nil) only once the
-// store has made it durable; Commit then schedules it. See the store
-// package for what survives a crash.
+// store has made it durable; Commit then queues it. See the store package
+// for who works on a message when, and each backend for what survives a
+// crash.
 package queue
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/foxcpp/maddy/framework/config"
@@ -40,6 +47,7 @@ import (
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/schedule"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // ModName is the name target.spool registers under. maddy's own
@@ -61,28 +69,15 @@ type Queue struct {
 	// bounce delivers DSNs; nil when no bounce {} block is configured.
 	bounce module.DeliveryTarget
 
-	store store.Store
-	sched *schedule.Scheduler
+	store store.Backend
 	clock schedule.Clock
 	rand  func() float64
 
-	messages, recipients, held atomic.Int64
-
-	// receiving holds the messages stored but not yet committed or
+	// flights holds the leases of the attempts in flight on this node.
+	flights flightSet
+	// receiving holds the messages stored and not yet committed or
 	// aborted (see receiving.go).
-	receiving     receivingSet
-	receivingDone chan struct{}
-	// receivingCheckEvery overrides receivingCheckInterval (tests).
-	receivingCheckEvery time.Duration
-	// onReceivingRemoved, if set, is called after an uncommitted message
-	// was removed (tests).
-	onReceivingRemoved func(store.ID)
-
-	// opMu serialises operator changes (see admin.go); opStateMu guards
-	// waiters.
-	opMu      sync.Mutex
-	opStateMu sync.Mutex
-	waiters   map[store.ID]chan struct{}
+	receiving receivingSet
 
 	// stopping is done once Close has begun: no attempt starts, and
 	// waits for a retry of a failed save end.
@@ -91,17 +86,22 @@ type Queue struct {
 	attemptCtx     context.Context
 	cancelAttempts context.CancelFunc
 	runDone        chan struct{}
-	loadDone       chan struct{}
+	receivingDone  chan struct{}
+	renewDone      chan struct{}
 	unregister     func()
 	unregisterAdm  func()
 	closeOnce      sync.Once
 
 	// diskFree, if set, replaces statfs for the free-space check (tests).
 	diskFree func(path string) (uint64, error)
-
 	// onAttemptDone, if set, is called after each attempt has saved its
 	// outcome; tests use it to wait without sleeping.
 	onAttemptDone func(store.ID)
+	// receivingCheckEvery overrides receivingCheckInterval (tests).
+	receivingCheckEvery time.Duration
+	// onReceivingRemoved, if set, is called after an uncommitted message
+	// was removed (tests).
+	onReceivingRemoved func(store.ID)
 }
 
 // New creates an unconfigured target.spool instance; maddy calls Init next.
@@ -138,13 +138,9 @@ func (q *Queue) Init(cfg *config.Map) error {
 	if q.bounce == nil {
 		q.Log.Printf("no bounce {} block: senders will not be told about failed deliveries (counted in maddy_spool_dsn_not_sent_total)")
 	}
-	st, err := store.OpenDir(q.location, store.DirOptions{
-		OnQuarantine: q.onQuarantine,
-		OnFailed:     q.onStoreFailed,
-		Logf:         q.Log.Printf,
-	})
+	st, err := q.openStore()
 	if err != nil {
-		return fmt.Errorf("%s (%s:%d): location %s: %w", ModName, cfg.Block.File, cfg.Block.Line, q.location, err)
+		return fmt.Errorf("%s (%s:%d): %w", ModName, cfg.Block.File, cfg.Block.Line, err)
 	}
 	if err := q.start(st); err != nil {
 		return err
@@ -160,30 +156,45 @@ func (q *Queue) Init(cfg *config.Map) error {
 	return nil
 }
 
-// start runs the queue on st: it accepts new mail at once and loads the
-// schedule of the stored messages in the background, so a large queue does
-// not delay the server's start.
-func (q *Queue) start(st store.Store) error {
+// openStore opens the configured backend.
+func (q *Queue) openStore() (store.Backend, error) {
+	if q.cfg.store.kind == storePostgres {
+		return openPostgres(q)
+	}
+	st, err := embedded.Open(q.location, q.embeddedOptions())
+	if err != nil {
+		return nil, fmt.Errorf("location %s: %w", q.location, err)
+	}
+	return st, nil
+}
+
+// embeddedOptions are the options of the embedded store at q.location.
+func (q *Queue) embeddedOptions() embedded.Options {
+	return embedded.Options{
+		DirOptions: embedded.DirOptions{
+			OnQuarantine: func(id store.ID, _ *embedded.SchedEntry, reason error) { q.onQuarantine(id, reason) },
+			OnFailed:     q.onStoreFailed,
+			Logf:         q.Log.Printf,
+		},
+		Node:  q.cfg.store.node,
+		Lease: q.cfg.store.lease,
+		Now:   q.clock.Now,
+	}
+}
+
+// start runs the queue on st: it accepts new mail at once, and claims due
+// messages from st as they come due (the embedded store loads its
+// schedule in the background, so a large queue does not delay the start).
+func (q *Queue) start(st store.Backend) error {
 	q.store = st
-	q.sched = schedule.New(q.clock)
-	q.waiters = map[store.ID]chan struct{}{}
 	q.stopping, q.stopDispatch = context.WithCancel(context.Background())
 	q.attemptCtx, q.cancelAttempts = context.WithCancel(context.Background())
 	q.runDone = make(chan struct{})
-	q.loadDone = make(chan struct{})
+	q.receivingDone = make(chan struct{})
+	q.renewDone = make(chan struct{})
 	metrics.InitSeries(q.label())
 	q.unregister = metrics.Register(q.label(), q)
 
-	// Taken before any new mail can arrive: the load covers exactly the
-	// messages stored before this start. Those stored later belong to
-	// their sessions until Commit schedules them (see admin.go), so none
-	// is counted or scheduled twice, or before it is committed.
-	loadUpTo := st.LastID()
-	go func() {
-		defer close(q.loadDone)
-		q.loadSchedule(loadUpTo)
-	}()
-	q.receivingDone = make(chan struct{})
 	go func() {
 		defer close(q.receivingDone)
 		every := q.receivingCheckEvery
@@ -193,48 +204,37 @@ func (q *Queue) start(st store.Store) error {
 		q.expireReceiving(every)
 	}()
 	go func() {
+		defer close(q.renewDone)
+		q.renewLeases()
+	}()
+	go func() {
 		defer close(q.runDone)
-		q.sched.Run(q.stopping, q.cfg.maxParallelism, func(id store.ID, delivered func()) {
-			q.attempt(id, delivered)
+		d := &schedule.Dispatcher{
+			Clock:    q.clock,
+			Source:   st,
+			Parallel: q.cfg.maxParallelism,
+			OnError: func(err error) {
+				metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreClaim).Inc()
+				q.Log.Error("cannot claim due messages from the store, will retry", err)
+			},
+		}
+		d.Run(q.stopping, func(c store.Claim, delivered func()) {
+			q.attempt(c, delivered)
 			if q.onAttemptDone != nil {
-				q.onAttemptDone(id)
+				q.onAttemptDone(c.Message.ID)
 			}
 		})
 	}()
 	return nil
 }
 
-// errLoaded ends the start-up scan at the last message it covers.
-var errLoaded = errors.New("loaded")
-
-// loadSchedule counts and schedules the stored messages with IDs up to
-// last.
-func (q *Queue) loadSchedule(last store.ID) {
-	start := time.Now()
-	n := 0
-	err := q.store.Schedule(func(e store.SchedEntry) error {
-		if e.ID > last {
-			return errLoaded // Schedule goes in ID order
-		}
-		n++
-		q.messages.Add(1)
-		q.recipients.Add(int64(e.Pending))
-		if e.Held {
-			q.held.Add(1)
-			return nil
-		}
-		q.sched.Add(e.ID, e.NextAttempt)
-		return nil
-	})
-	if err != nil && !errors.Is(err, errLoaded) {
-		q.Log.Error("loading the queue failed; entries not yet loaded will be picked up on restart", err, "loaded", n)
-		return
+// WaitLoaded blocks until the store has loaded what it must read at start
+// (the embedded store's schedule); it returns at once for other stores.
+func (q *Queue) WaitLoaded() {
+	if l, ok := q.store.(interface{ WaitLoaded() }); ok {
+		l.WaitLoaded()
 	}
-	q.Log.Debugf("scheduled %d queued messages in %v", n, time.Since(start))
 }
-
-// WaitLoaded blocks until the stored messages have been scheduled.
-func (q *Queue) WaitLoaded() { <-q.loadDone }
 
 // Close stops starting attempts, lets attempts in flight finish for up to
 // shutdown_timeout (then cancels them: their recipients keep the state they
@@ -246,7 +246,6 @@ func (q *Queue) Close() error {
 			q.unregisterAdm()
 		}
 		q.stopDispatch()
-		<-q.loadDone
 		select {
 		case <-q.runDone:
 		case <-time.After(q.cfg.shutdownTimeout):
@@ -256,10 +255,11 @@ func (q *Queue) Close() error {
 		}
 		q.cancelAttempts()
 		<-q.receivingDone
+		<-q.renewDone
 		// Sessions still between Body and Commit cannot be told their
 		// message was accepted: a Commit after this fails (receiving.go).
-		for _, id := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
-			q.removeUncommitted(context.Background(), id)
+		for _, e := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
+			q.removeUncommitted(context.Background(), e.lease)
 		}
 		q.unregister()
 		err = q.store.Close()
@@ -267,37 +267,43 @@ func (q *Queue) Close() error {
 	return err
 }
 
+// statsTimeout bounds how long a scrape waits for the store's figures.
+const statsTimeout = 5 * time.Second
+
 // Gauges implements metrics.Source.
 func (q *Queue) Gauges() metrics.Gauges {
 	g := metrics.Gauges{
-		Messages:    q.messages.Load(),
-		Recipients:  q.recipients.Load(),
-		Held:        q.held.Load(),
 		Now:         q.clock.Now(),
 		MinFree:     q.cfg.minFreeSpace,
 		StoreFailed: q.store.Failed() != nil,
+		InFlight:    int64(q.flights.len()),
 	}
-	if free, err := q.freeSpace(); err == nil {
-		g.FreeBytes, g.HaveFree = free, true
+	if q.cfg.store.kind == storeEmbedded {
+		if free, err := q.freeSpace(); err == nil {
+			g.FreeBytes, g.HaveFree = free, true
+		}
 	}
-	if oldest, ok, err := q.store.Oldest(); err == nil && ok {
-		g.Oldest = oldest
+	ctx, cancel := context.WithTimeout(context.Background(), statsTimeout)
+	defer cancel()
+	if r, ok := q.store.(clusterReporter); !ok || r.ReportsCluster(ctx) {
+		if st, err := q.store.Stats(ctx); err == nil {
+			g.Queue = &metrics.QueueFigures{Messages: st.Messages, Recipients: st.Recipients, Held: st.Held, Oldest: st.Oldest}
+		}
 	}
 	return g
 }
 
-// onQuarantine counts and logs an entry the store moved aside; the one
-// place where a quarantined message leaves the queue's gauges.
-func (q *Queue) onQuarantine(id store.ID, sched *store.SchedEntry, reason error) {
+// clusterReporter is a shared backend that names one node to export the
+// whole queue's figures, so that a sum over nodes counts each message
+// once.
+type clusterReporter interface {
+	ReportsCluster(ctx context.Context) bool
+}
+
+// onQuarantine counts and logs an entry the store moved aside.
+func (q *Queue) onQuarantine(id store.ID, reason error) {
 	metrics.Quarantined.WithLabelValues(q.label()).Inc()
 	q.Log.Error("queue entry moved to quarantine", reason, "queue_id", id.String())
-	if sched != nil {
-		q.messages.Add(-1)
-		q.recipients.Add(-int64(sched.Pending))
-		if sched.Held {
-			q.held.Add(-1)
-		}
-	}
 }
 
 // onStoreFailed stops delivery once the store has stopped after a write

@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -22,9 +23,10 @@ import (
 // reply to the end of DATA (section 4.5.3.2.6), plus a margin: Commit
 // comes before that reply, so by then the client has given up.
 //
-// A crash leaves such an entry on disk, and the next start delivers it:
-// after a crash between storing a message and answering its client,
-// delivery is at least once, as in any MTA.
+// A crash leaves such an entry in the store, and it is delivered (after a
+// restart, or once its receiving lease expires for a node that does not
+// come back): after a crash between storing a message and answering its
+// client, delivery is at least once, as in any MTA.
 const receiveTimeout = 15 * time.Minute
 
 // receivingCheckInterval is how often (in real time) entries are checked
@@ -32,21 +34,38 @@ const receiveTimeout = 15 * time.Minute
 const receivingCheckInterval = time.Minute
 
 // receivingSet holds the messages stored by Body and not yet committed or
-// aborted, with the time they were stored. Whoever takes an entry out of
-// it decides that message's fate: Commit schedules it, Abort and expiry
-// remove it.
+// aborted, with their receiving leases and the time they were stored.
+// Whoever takes an entry out of it decides that message's fate: Commit
+// queues it, Abort and expiry remove it.
 type receivingSet struct {
 	mu      sync.Mutex
-	entries map[store.ID]time.Time
+	entries map[store.ID]receivingEntry
 }
 
-func (s *receivingSet) add(id store.ID, at time.Time) {
+type receivingEntry struct {
+	lease *store.Lease
+	at    time.Time
+	// remove is set for a message to remove at the next check (its
+	// commit or removal failed), rather than one still being received.
+	remove bool
+}
+
+func (s *receivingSet) add(l *store.Lease, at time.Time) {
+	s.put(receivingEntry{lease: l, at: at})
+}
+
+// removeLater hands l to the next check, to be removed.
+func (s *receivingSet) removeLater(l *store.Lease) {
+	s.put(receivingEntry{lease: l, remove: true})
+}
+
+func (s *receivingSet) put(e receivingEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.entries == nil {
-		s.entries = make(map[store.ID]time.Time)
+		s.entries = make(map[store.ID]receivingEntry)
 	}
-	s.entries[id] = at
+	s.entries[e.lease.ID] = e
 }
 
 // take removes id and reports whether it was there.
@@ -58,18 +77,19 @@ func (s *receivingSet) take(id store.ID) bool {
 	return ok
 }
 
-// takeStoredBefore removes and returns the entries stored before t.
-func (s *receivingSet) takeStoredBefore(t time.Time) []store.ID {
+// takeStoredBefore removes and returns the entries stored before t, and
+// those to remove.
+func (s *receivingSet) takeStoredBefore(t time.Time) []receivingEntry {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var ids []store.ID
-	for id, at := range s.entries {
-		if at.Before(t) {
-			ids = append(ids, id)
+	var out []receivingEntry
+	for id, e := range s.entries {
+		if e.remove || e.at.Before(t) {
+			out = append(out, e)
 			delete(s.entries, id)
 		}
 	}
-	return ids
+	return out
 }
 
 // expireReceiving removes, every checkEvery until the queue stops,
@@ -84,25 +104,36 @@ func (q *Queue) expireReceiving(checkEvery time.Duration) {
 			return
 		}
 		cutoff := q.clock.Now().Add(-receiveTimeout)
-		for _, id := range q.receiving.takeStoredBefore(cutoff) {
-			q.Log.Msg("removing a stored message that was neither committed nor aborted in time; its client was not told it was accepted",
-				"queue_id", id.String(), "timeout", receiveTimeout.String())
-			metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonNotCommitted).Inc()
-			q.removeUncommitted(context.Background(), id)
+		for _, e := range q.receiving.takeStoredBefore(cutoff) {
+			if !e.remove {
+				q.Log.Msg("removing a stored message that was neither committed nor aborted in time; its client was not told it was accepted",
+					"queue_id", e.lease.ID.String(), "timeout", receiveTimeout.String())
+				metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonNotCommitted).Inc()
+			}
+			q.removeUncommitted(context.Background(), e.lease)
 		}
 	}
 }
 
-// removeUncommitted deletes a message taken out of q.receiving.
-func (q *Queue) removeUncommitted(ctx context.Context, id store.ID) error {
-	err := q.store.Delete(ctx, id)
-	if err != nil {
-		// Left on disk, it would be delivered after a restart although
-		// its client was not told it was accepted; say so loudly.
-		q.Log.Error("cannot remove an uncommitted message; it will be delivered after a restart", err, "queue_id", id.String())
+// removeUncommitted deletes a message taken out of q.receiving. If the
+// store cannot be written, the message goes back into q.receiving, so the
+// next check tries again (until the queue stops).
+func (q *Queue) removeUncommitted(ctx context.Context, l *store.Lease) error {
+	err := q.store.Delete(ctx, l)
+	switch {
+	case err == nil || errors.Is(err, store.ErrLeaseLost) || errors.Is(err, store.ErrNotFound):
+		err = nil // removed, or committed after all
+	case q.stopping.Err() == nil:
+		q.Log.Error("cannot remove an uncommitted message yet, will retry", err, "queue_id", l.ID.String())
+		q.receiving.removeLater(l)
+	default:
+		// Left in the store, it would be delivered once its receiving
+		// lease expires although its client was not told it was
+		// accepted; say so loudly.
+		q.Log.Error("cannot remove an uncommitted message; it will be delivered", err, "queue_id", l.ID.String())
 	}
 	if q.onReceivingRemoved != nil {
-		q.onReceivingRemoved(id)
+		q.onReceivingRemoved(l.ID)
 	}
 	return err
 }

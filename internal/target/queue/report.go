@@ -77,7 +77,7 @@ func (q *Queue) sendReports(m *store.Message, now time.Time) bool {
 }
 
 func (q *Queue) sendReport(ctx context.Context, m *store.Message, owed map[int]fate.Kind, now time.Time) error {
-	content, err := q.store.Content(m)
+	content, err := q.store.Content(ctx, m)
 	if err != nil {
 		return err
 	}

@@ -18,25 +18,25 @@ import (
 // fullDiskStore fails every change after an attempt while full is set,
 // as a disk that filled up mid-run does.
 type fullDiskStore struct {
-	store.Store
+	store.Backend
 	full    atomic.Bool
 	refused atomic.Int64
 }
 
-func (s *fullDiskStore) Update(ctx context.Context, m *store.Message) error {
+func (s *fullDiskStore) Save(ctx context.Context, l *store.Lease, m *store.Message) (store.Request, error) {
 	if s.full.Load() {
 		s.refused.Add(1)
-		return syscall.ENOSPC
+		return 0, syscall.ENOSPC
 	}
-	return s.Store.Update(ctx, m)
+	return s.Backend.Save(ctx, l, m)
 }
 
-func (s *fullDiskStore) Delete(ctx context.Context, id store.ID) error {
+func (s *fullDiskStore) Delete(ctx context.Context, l *store.Lease) error {
 	if s.full.Load() {
 		s.refused.Add(1)
 		return syscall.ENOSPC
 	}
-	return s.Store.Delete(ctx, id)
+	return s.Backend.Delete(ctx, l)
 }
 
 func TestStateSaveFailureNeitherLosesNorResends(t *testing.T) {
@@ -51,7 +51,7 @@ func TestStateSaveFailureNeitherLosesNorResends(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t)
-			fs := &fullDiskStore{Store: h.q.store}
+			fs := &fullDiskStore{Backend: h.q.store}
 			h.q.store = fs
 			if tc.bFails {
 				h.target.Rcpt = testutils.FailFirst(1, temp451, "b@x.test")
@@ -95,7 +95,7 @@ func TestUnsavedOutcomesBounded(t *testing.T) {
 	const parallel, messages = 2, 30
 	bound := (1 + schedule.SavesPerSlot) * parallel
 	h := newHarness(t, func(h *harness) { h.cfg.maxParallelism = parallel })
-	fs := &fullDiskStore{Store: h.q.store}
+	fs := &fullDiskStore{Backend: h.q.store}
 	h.q.store = fs
 	fs.full.Store(true)
 	for i := 0; i < messages; i++ {

@@ -10,18 +10,17 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"github.com/foxcpp/maddy/framework/exterrors"
-
-	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // syncFailFS is the OS file system whose content-file fsyncs fail with EIO
 // while failSync is set, as a failing disk's do.
 type syncFailFS struct {
-	store.OSFS
+	embedded.OSFS
 	failSync atomic.Bool
 }
 
-func (fs *syncFailFS) CreateExcl(name string) (store.File, error) {
+func (fs *syncFailFS) CreateExcl(name string) (embedded.File, error) {
 	f, err := fs.OSFS.CreateExcl(name)
 	if err != nil {
 		return nil, err
@@ -30,7 +29,7 @@ func (fs *syncFailFS) CreateExcl(name string) (store.File, error) {
 }
 
 type syncFailFile struct {
-	store.File
+	embedded.File
 	fs *syncFailFS
 }
 
@@ -48,7 +47,7 @@ func (f *syncFailFile) Sync() error {
 func TestFailedFsyncStopsIntakeAndDelivery(t *testing.T) {
 	fs := &syncFailFS{}
 	h := newHarness(t, func(h *harness) {
-		h.dirOpts = func(o *store.DirOptions) { o.FS = fs }
+		h.storeOpts = func(o *embedded.Options) { o.FS = fs }
 	})
 	h.target.StartErr = func(attempt int) error {
 		if attempt == 1 {

@@ -156,7 +156,7 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 		if err := h.target.WaitIdle(t.Context()); err != nil {
 			t.Fatal(err)
 		}
-		if len(h.queued()) == 0 && h.q.sched.InFlight() == 0 {
+		if len(h.queued()) == 0 && h.q.flights.len() == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -199,7 +199,7 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 		}
 	}
 	h.assertGauges(0, 0)
-	if g := h.q.Gauges(); g.Held != 0 {
+	if g := h.figures(); g.Held != 0 {
 		t.Fatalf("held gauge %d with an empty queue", g.Held)
 	}
 	t.Logf("%d deliveries, %d reports, %d recipients removed by operators, %d lost", len(h.target.Deliveries()), len(h.reports()), removed, lost)

@@ -14,13 +14,14 @@ import (
 	"time"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
 
 // fakeQueue serves a real store; Apply records what it was asked.
 type fakeQueue struct {
-	store.Store
+	*embedded.Dir
 	mu      sync.Mutex
 	applied []Filter
 }
@@ -36,12 +37,11 @@ func (q *fakeQueue) Apply(ctx context.Context, op Op, f Filter) (Result, error) 
 	}
 	return res, err
 }
-func (q *fakeQueue) InFlight(store.ID) bool { return false }
-func (q *fakeQueue) Now() time.Time         { return t0 }
+func (q *fakeQueue) Now() time.Time { return t0 }
 
 func newFakeQueue(t *testing.T, msgs ...*store.Message) *fakeQueue {
 	t.Helper()
-	st, err := store.OpenDir(t.TempDir(), store.DirOptions{})
+	st, err := embedded.OpenDir(t.TempDir(), embedded.DirOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,7 +52,7 @@ func newFakeQueue(t *testing.T, msgs ...*store.Message) *fakeQueue {
 			t.Fatal(err)
 		}
 	}
-	return &fakeQueue{Store: st}
+	return &fakeQueue{Dir: st}
 }
 
 func msg(from string, arrival time.Time, to ...string) *store.Message {

@@ -114,8 +114,6 @@ type Queue interface {
 	Reader
 	// Apply runs op on the messages f selects and says what it did.
 	Apply(ctx context.Context, op Op, f Filter) (Result, error)
-	// InFlight reports whether an attempt of id is running.
-	InFlight(id store.ID) bool
 	// Now is the queue's clock.
 	Now() time.Time
 }

@@ -307,7 +307,7 @@ func (s *server) handle(w *respWriter, req Request, peer Peer) error {
 		return w.send(Response{Instances: names})
 	case OpList:
 		for i, r := range regs {
-			err := List(r.q, names[i], req.Filter, r.q.Now(), r.q.InFlight, func(mi MessageInfo) error {
+			err := List(r.q, names[i], req.Filter, r.q.Now(), func(mi MessageInfo) error {
 				return w.send(Response{Message: &mi})
 			})
 			if err != nil {
@@ -317,7 +317,7 @@ func (s *server) handle(w *respWriter, req Request, peer Peer) error {
 		return nil
 	case OpStats:
 		for i, r := range regs {
-			st, err := ComputeStats(r.q, names[i], r.q.Now(), r.q.InFlight)
+			st, err := ComputeStats(r.q, names[i], r.q.Now())
 			if err != nil {
 				return err
 			}
@@ -328,7 +328,7 @@ func (s *server) handle(w *respWriter, req Request, peer Peer) error {
 		return nil
 	case OpShow:
 		for i, r := range regs {
-			err := Show(r.q, names[i], req.Filter.IDs[0], req.Headers, req.Body, r.q.InFlight, func(resp Response) error {
+			err := Show(r.q, names[i], req.Filter.IDs[0], req.Headers, req.Body, func(resp Response) error {
 				return w.send(resp)
 			})
 			if errors.Is(err, store.ErrNotFound) && len(regs) > 1 {
@@ -359,7 +359,7 @@ func (s *server) handle(w *respWriter, req Request, peer Peer) error {
 
 // Show sends the detail of one message and, when asked, its stored
 // header and body in pieces (never the whole body in memory).
-func Show(r Reader, instance string, id store.ID, headers, body bool, inFlight func(store.ID) bool, send func(Response) error) error {
+func Show(r Reader, instance string, id store.ID, headers, body bool, send func(Response) error) error {
 	m, err := r.Get(id)
 	if err != nil {
 		if errors.Is(err, store.ErrNotFound) {
@@ -368,9 +368,6 @@ func Show(r Reader, instance string, id store.ID, headers, body bool, inFlight f
 		return err
 	}
 	d := DetailOf(instance, m)
-	if inFlight != nil {
-		d.InFlight = inFlight(id)
-	}
 	var content store.Content
 	if headers || body {
 		content, err = r.Content(m)

@@ -29,8 +29,14 @@ type MessageInfo struct {
 	Attempts    int       `json:"attempts"`
 	NextAttempt time.Time `json:"next_attempt"`
 	Held        bool      `json:"held"`
-	// InFlight is true while an attempt is running (live server only).
-	InFlight bool `json:"in_flight,omitempty"`
+	// InFlight is true while an attempt holds the message (live server
+	// only), on LeaseOwner's node until LeaseExpiry unless renewed.
+	InFlight    bool      `json:"in_flight,omitempty"`
+	LeaseOwner  string    `json:"lease_owner,omitempty"`
+	LeaseExpiry time.Time `json:"lease_expiry,omitzero"`
+	// Receiving is true while the message is still being received (its
+	// client's transaction is not committed yet).
+	Receiving bool `json:"receiving,omitempty"`
 	// Pending lists the recipients not yet delivered or failed.
 	Pending []RcptInfo `json:"pending"`
 }
@@ -94,6 +100,10 @@ func Info(instance string, m *store.Message) MessageInfo {
 		Held:        m.Held,
 		Pending:     []RcptInfo{},
 	}
+	if l := m.Lease; l != nil {
+		mi.InFlight, mi.Receiving = !l.Receiving, l.Receiving
+		mi.LeaseOwner, mi.LeaseExpiry = l.Owner, l.Expiry
+	}
 	for i := range m.Rcpts {
 		if m.Rcpts[i].State == store.RcptPending {
 			mi.Pending = append(mi.Pending, rcptInfo(&m.Rcpts[i]))
@@ -147,7 +157,7 @@ func rcptInfo(r *store.Rcpt) RcptInfo {
 // store's read transaction open while fn runs: the IDs are collected
 // first, then each message is read on its own, so a slow reader (a
 // client on the socket) never holds up the writers.
-func List(r Reader, instance string, f Filter, now time.Time, inFlight func(store.ID) bool, fn func(MessageInfo) error) error {
+func List(r Reader, instance string, f Filter, now time.Time, fn func(MessageInfo) error) error {
 	ids, err := Select(r, f, now)
 	if err != nil {
 		return err
@@ -160,11 +170,7 @@ func List(r Reader, instance string, f Filter, now time.Time, inFlight func(stor
 		if !f.Match(m, now) {
 			continue // changed meanwhile
 		}
-		mi := Info(instance, m)
-		if inFlight != nil {
-			mi.InFlight = inFlight(id)
-		}
-		if err := fn(mi); err != nil {
+		if err := fn(Info(instance, m)); err != nil {
 			return err
 		}
 	}
@@ -246,7 +252,7 @@ const TopN = 10
 
 // ComputeStats reads every message's metadata (never content) and
 // summarises the queue.
-func ComputeStats(r Reader, instance string, now time.Time, inFlight func(store.ID) bool) (Stats, error) {
+func ComputeStats(r Reader, instance string, now time.Time) (Stats, error) {
 	s := Stats{Instance: instance}
 	for _, a := range statsAges {
 		s.AgeBuckets = append(s.AgeBuckets, strconv.Itoa(int(a.Minutes()))+"m")
@@ -264,7 +270,7 @@ func ComputeStats(r Reader, instance string, now time.Time, inFlight func(store.
 		default:
 			s.Deferred++
 		}
-		if inFlight != nil && inFlight(m.ID) {
+		if m.Lease != nil && !m.Lease.Receiving {
 			s.InFlight++
 		}
 		if s.OldestArrival.IsZero() || m.Arrival.Before(s.OldestArrival) {

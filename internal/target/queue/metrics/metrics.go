@@ -71,6 +71,21 @@ var (
 		Name: "maddy_spool_admin_operations_total",
 		Help: "Operator commands that changed the queue, by operation.",
 	}, []string{"module", "op"})
+
+	// StoreErrors counts calls of the delivery side that the store
+	// failed, by what was asked (StoreClaim, StoreSave, StoreRenew): the
+	// disk of the embedded store, or the database of a shared one.
+	StoreErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_store_errors_total",
+		Help: "Store calls of the delivery side that failed (claiming due messages, saving outcomes, renewing leases), by call.",
+	}, []string{"module", "op"})
+)
+
+// Calls counted by StoreErrors.
+const (
+	StoreClaim = "claim"
+	StoreSave  = "save"
+	StoreRenew = "renew"
 )
 
 // Reasons for EnqueueFailures.
@@ -99,6 +114,7 @@ var (
 	notSentReason = []string{ReasonNullSender, ReasonNoBouncePipeline, ReasonReportError}
 	enqueueReason = []string{ReasonStoreError, ReasonMinFreeSpace, ReasonNotCommitted}
 	adminOps      = []string{"hold", "release", "retry", "delete", "bounce"}
+	storeOps      = []string{StoreClaim, StoreSave, StoreRenew}
 )
 
 // InitSeries creates every labelled series of an instance at zero.
@@ -118,6 +134,9 @@ func InitSeries(module string) {
 	for _, op := range adminOps {
 		AdminOperations.WithLabelValues(module, op)
 	}
+	for _, op := range storeOps {
+		StoreErrors.WithLabelValues(module, op)
+	}
 	AttemptDuration.WithLabelValues(module)
 	Quarantined.WithLabelValues(module)
 	Enqueued.WithLabelValues(module)
@@ -125,14 +144,15 @@ func InitSeries(module string) {
 
 // Gauges are a queue's current figures, read at scrape time.
 type Gauges struct {
-	Messages   int64
-	Recipients int64
-	Held       int64
-	// Oldest is the arrival of the oldest queued message (zero if none).
-	Oldest time.Time
-	Now    time.Time
+	// Queue has the figures of the whole queue. A node of a shared queue
+	// leaves it nil unless it is the one node reporting them, so that a
+	// sum over nodes counts each message once.
+	Queue *QueueFigures
+	// InFlight is the number of attempts in flight on this node.
+	InFlight int64
+	Now      time.Time
 	// FreeBytes is the space available under the queue location; HaveFree
-	// is false when it could not be read.
+	// is false when it could not be read (or the store is not local).
 	FreeBytes uint64
 	HaveFree  bool
 	// MinFree is the configured refusal margin (0: disabled).
@@ -140,6 +160,15 @@ type Gauges struct {
 	// StoreFailed is set once the store stopped after a failed write
 	// whose durability is unknown; only a restart clears it.
 	StoreFailed bool
+}
+
+// QueueFigures are the figures of a whole queue.
+type QueueFigures struct {
+	Messages   int64
+	Recipients int64
+	Held       int64
+	// Oldest is the arrival of the oldest queued message (zero if none).
+	Oldest time.Time
 }
 
 // Source reports a queue's gauges.
@@ -156,6 +185,8 @@ var (
 		"Messages held by an operator.", []string{"module"}, nil)
 	oldestDesc = prometheus.NewDesc("maddy_spool_oldest_message_age_seconds",
 		"Age of the oldest queued message (0 when the queue is empty).", []string{"module"}, nil)
+	inFlightDesc = prometheus.NewDesc("maddy_spool_attempts_in_flight",
+		"Delivery attempts running on this node.", []string{"module"}, nil)
 	freeDesc = prometheus.NewDesc("maddy_spool_disk_free_bytes",
 		"Bytes available to the server on the filesystem holding the queue.", []string{"module"}, nil)
 	minFreeDesc = prometheus.NewDesc("maddy_spool_min_free_space_bytes",
@@ -179,6 +210,7 @@ func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- recipientsDesc
 	ch <- heldDesc
 	ch <- oldestDesc
+	ch <- inFlightDesc
 	ch <- freeDesc
 	ch <- minFreeDesc
 	ch <- storeFailedDesc
@@ -193,14 +225,17 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 	c.mu.Unlock()
 	for name, src := range srcs {
 		g := src.Gauges()
-		age := 0.0
-		if !g.Oldest.IsZero() {
-			age = g.Now.Sub(g.Oldest).Seconds()
+		if q := g.Queue; q != nil {
+			age := 0.0
+			if !q.Oldest.IsZero() {
+				age = g.Now.Sub(q.Oldest).Seconds()
+			}
+			ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.GaugeValue, float64(q.Messages), name)
+			ch <- prometheus.MustNewConstMetric(recipientsDesc, prometheus.GaugeValue, float64(q.Recipients), name)
+			ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(q.Held), name)
+			ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
 		}
-		ch <- prometheus.MustNewConstMetric(messagesDesc, prometheus.GaugeValue, float64(g.Messages), name)
-		ch <- prometheus.MustNewConstMetric(recipientsDesc, prometheus.GaugeValue, float64(g.Recipients), name)
-		ch <- prometheus.MustNewConstMetric(heldDesc, prometheus.GaugeValue, float64(g.Held), name)
-		ch <- prometheus.MustNewConstMetric(oldestDesc, prometheus.GaugeValue, age, name)
+		ch <- prometheus.MustNewConstMetric(inFlightDesc, prometheus.GaugeValue, float64(g.InFlight), name)
 		if g.HaveFree {
 			ch <- prometheus.MustNewConstMetric(freeDesc, prometheus.GaugeValue, float64(g.FreeBytes), name)
 		}
@@ -229,5 +264,5 @@ func Register(name string, src Source) (unregister func()) {
 }
 
 func init() {
-	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, gauges)
+	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, StoreErrors, gauges)
 }

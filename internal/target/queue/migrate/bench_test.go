@@ -8,7 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // BenchmarkImport measures a whole import of 500 small entries cloned from
@@ -37,7 +37,7 @@ func BenchmarkImport(b *testing.B) {
 				}
 			}
 		}
-		s, err := store.OpenDir(b.TempDir(), store.DirOptions{})
+		s, err := embedded.OpenDir(b.TempDir(), embedded.DirOptions{})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
 
 // rawTimes are the times maddy wrote into an entry's metadata.
@@ -45,9 +46,9 @@ func copyFixture(t *testing.T, src string) string {
 	return dst
 }
 
-func openStore(t *testing.T, dir string) *store.Dir {
+func openStore(t *testing.T, dir string) *embedded.Dir {
 	t.Helper()
-	s, err := store.OpenDir(dir, store.DirOptions{})
+	s, err := embedded.OpenDir(dir, embedded.DirOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +56,7 @@ func openStore(t *testing.T, dir string) *store.Dir {
 	return s
 }
 
-func storeMessages(t *testing.T, s store.Store) []*store.Message {
+func storeMessages(t *testing.T, s *embedded.Dir) []*store.Message {
 	t.Helper()
 	var out []*store.Message
 	if err := s.Walk(func(m *store.Message) error {
@@ -109,7 +110,7 @@ func snapshot(t *testing.T, dir string) map[string]string {
 	return out
 }
 
-func checkContent(t *testing.T, s store.Store, m *store.Message, header, body []byte) {
+func checkContent(t *testing.T, s *embedded.Dir, m *store.Message, header, body []byte) {
 	t.Helper()
 	c, err := s.Content(m)
 	if err != nil {
@@ -613,15 +614,17 @@ func TestImportIntoSameDirectory(t *testing.T) {
 	}
 }
 
-// faultStore fails one store call for the entry with maddy ID target,
-// before or after passing it on, to leave the state a crash at that point
-// would leave.
+// faultStore fails one call to a Destination for the message with maddy
+// ID target, before or after passing it on, to leave the state a crash at
+// that point would leave.
 type faultStore struct {
-	store.Store
+	Destination
 	target string
 	// createBefore fails Create without storing; createAfter stores and
-	// then fails (a crash right after the commit); update fails Update.
-	createBefore, createAfter, update bool
+	// then fails (a crash right after the commit, or a lost reply);
+	// update fails the Update that releases the message (clears Held);
+	// walk fails every Walk.
+	createBefore, createAfter, update, walk bool
 }
 
 var errInjected = errors.New("injected failure")
@@ -630,7 +633,7 @@ func (f *faultStore) Create(ctx context.Context, m *store.Message, header []byte
 	if m.MsgID == f.target && f.createBefore {
 		return errInjected
 	}
-	if err := f.Store.Create(ctx, m, header, body, n); err != nil {
+	if err := f.Destination.Create(ctx, m, header, body, n); err != nil {
 		return err
 	}
 	if m.MsgID == f.target && f.createAfter {
@@ -640,10 +643,17 @@ func (f *faultStore) Create(ctx context.Context, m *store.Message, header []byte
 }
 
 func (f *faultStore) Update(ctx context.Context, m *store.Message) error {
-	if m.MsgID == f.target && f.update {
+	if m.MsgID == f.target && f.update && !m.Held {
 		return errInjected
 	}
-	return f.Store.Update(ctx, m)
+	return f.Destination.Update(ctx, m)
+}
+
+func (f *faultStore) Walk(fn func(*store.Message) error) error {
+	if f.walk {
+		return errInjected
+	}
+	return f.Destination.Walk(fn)
 }
 
 func TestImportResumesAfterCrash(t *testing.T) {
@@ -654,7 +664,7 @@ func TestImportResumesAfterCrash(t *testing.T) {
 		// firstRun leaves the crash state: a faulty store, or a change
 		// made after a clean import.
 		fault      *faultStore
-		afterwards func(t *testing.T, src string, s store.Store, origMeta []byte)
+		afterwards func(t *testing.T, src string, s *embedded.Dir, origMeta []byte)
 		wantLeft   []string // files of target left by the first run
 		wantHeld   bool     // target held in the store after the first run
 		wantStore  int      // store entries for target after the first run
@@ -673,7 +683,7 @@ func TestImportResumesAfterCrash(t *testing.T) {
 			wantLeft: []string{".meta.importing"}, wantHeld: true, wantStore: 1,
 			wantResumed: true, wantFinal: 1},
 		{name: "after release, before marker removal",
-			afterwards: func(t *testing.T, src string, _ store.Store, orig []byte) {
+			afterwards: func(t *testing.T, src string, _ *embedded.Dir, orig []byte) {
 				if err := os.WriteFile(filepath.Join(src, target+".meta.importing"), orig, 0o600); err != nil {
 					t.Fatal(err)
 				}
@@ -681,7 +691,7 @@ func TestImportResumesAfterCrash(t *testing.T) {
 			wantLeft: []string{".meta.importing"}, wantStore: 1,
 			wantResumed: true, wantFinal: 1},
 		{name: "after release, then delivered by spool",
-			afterwards: func(t *testing.T, src string, s store.Store, orig []byte) {
+			afterwards: func(t *testing.T, src string, s *embedded.Dir, orig []byte) {
 				if err := os.WriteFile(filepath.Join(src, target+".meta.importing"), orig, 0o600); err != nil {
 					t.Fatal(err)
 				}
@@ -704,9 +714,9 @@ func TestImportResumesAfterCrash(t *testing.T) {
 				t.Fatal(err)
 			}
 			s := openStore(t, t.TempDir())
-			var first store.Store = s
+			var first Destination = s
 			if tc.fault != nil {
-				tc.fault.Store, tc.fault.target = s, target
+				tc.fault.Destination, tc.fault.target = s, target
 				first = tc.fault
 			}
 			res, err := Import(context.Background(), src, first, Options{})

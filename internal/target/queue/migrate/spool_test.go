@@ -14,7 +14,7 @@ import (
 	"github.com/foxcpp/maddy/framework/module"
 
 	"github.com/maddy-spool/spool/internal/target/queue"
-	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 	"github.com/maddy-spool/spool/internal/testutils"
 )
 
@@ -52,7 +52,7 @@ func startSpool(t *testing.T, dir, target, bounce string) io.Closer {
 func TestSpoolDeliversImported(t *testing.T) {
 	fx := maddyFixture(t)
 	storeDir := t.TempDir()
-	s, err := store.OpenDir(storeDir, store.DirOptions{})
+	s, err := embedded.OpenDir(storeDir, embedded.DirOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +142,7 @@ func TestSpoolDeliversImported(t *testing.T) {
 	if errs := hop.ProtocolErrors(); len(errs) != 0 {
 		t.Errorf("protocol errors: %q", errs)
 	}
-	s, err = store.OpenDir(storeDir, store.DirOptions{})
+	s, err = embedded.OpenDir(storeDir, embedded.DirOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

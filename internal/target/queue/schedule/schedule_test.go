@@ -2,6 +2,7 @@ package schedule
 
 import (
 	"context"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -100,27 +101,102 @@ func TestPolicyValidate(t *testing.T) {
 	}
 }
 
-// runScheduler starts Run and returns the channel of dispatched IDs.
-func runScheduler(t *testing.T, s *Scheduler, parallel int, fn func(store.ID)) context.CancelFunc {
+// fakeSource is an in-memory store for the dispatcher: messages due at
+// a time, claimed once.
+type fakeSource struct {
+	clock *FakeClock
+	mu    sync.Mutex
+	due   map[store.ID]time.Time
+	wake  chan struct{}
+	// claims counts Claim calls; maxAsked is the largest max asked for.
+	claims, maxAsked int
+}
+
+func newFakeSource(clock *FakeClock) *fakeSource {
+	return &fakeSource{clock: clock, due: map[store.ID]time.Time{}, wake: make(chan struct{}, 1)}
+}
+
+func (s *fakeSource) add(id store.ID, due time.Time) {
+	s.mu.Lock()
+	s.due[id] = due
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *fakeSource) Claim(ctx context.Context, n int) ([]store.Claim, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.claims++
+	s.maxAsked = max(s.maxAsked, n)
+	now := s.clock.Now()
+	var ids []store.ID
+	for id, due := range s.due {
+		if !due.After(now) {
+			ids = append(ids, id)
+		}
+	}
+	sort.Slice(ids, func(i, j int) bool {
+		a, b := s.due[ids[i]], s.due[ids[j]]
+		if !a.Equal(b) {
+			return a.Before(b)
+		}
+		return ids[i] < ids[j]
+	})
+	if len(ids) > n {
+		ids = ids[:n]
+	}
+	out := make([]store.Claim, len(ids))
+	for i, id := range ids {
+		delete(s.due, id)
+		out[i] = store.Claim{Lease: &store.Lease{ID: id}, Message: &store.Message{ID: id}}
+	}
+	return out, nil
+}
+
+func (s *fakeSource) NextDue(ctx context.Context) (time.Time, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var next time.Time
+	ok := false
+	for _, due := range s.due {
+		if !ok || due.Before(next) {
+			next, ok = due, true
+		}
+	}
+	return next, ok, nil
+}
+
+func (s *fakeSource) Wake() <-chan struct{} { return s.wake }
+
+func (s *fakeSource) left() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.due)
+}
+
+// runDispatcher starts a dispatcher on src and returns when the test ends.
+func runDispatcher(t *testing.T, clock *FakeClock, src Source, parallel int, fn func(c store.Claim, delivered func())) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		s.Run(ctx, parallel, func(id store.ID, _ func()) { fn(id) })
+		(&Dispatcher{Clock: clock, Source: src, Parallel: parallel}).Run(ctx, fn)
 		close(done)
 	}()
 	t.Cleanup(func() { cancel(); <-done })
-	return cancel
 }
 
 func TestDispatchOrderAndTiming(t *testing.T) {
 	clock := NewFakeClock(t0)
-	s := New(clock)
+	src := newFakeSource(clock)
 	got := make(chan store.ID, 10)
-	s.Add(3, t0.Add(3*time.Minute))
-	s.Add(1, t0.Add(time.Minute))
-	s.Add(2, t0.Add(2*time.Minute))
-	s.Add(4, t0.Add(time.Minute)) // same time as 1: ID order
-	runScheduler(t, s, 1, func(id store.ID) { got <- id; s.Finish(id, false, time.Time{}) })
+	src.add(3, t0.Add(3*time.Minute))
+	src.add(1, t0.Add(time.Minute))
+	src.add(2, t0.Add(2*time.Minute))
+	src.add(4, t0.Add(time.Minute)) // same time as 1: ID order
+	runDispatcher(t, clock, src, 1, func(c store.Claim, _ func()) { got <- c.Message.ID })
 
 	clock.WaitTimers(1)
 	select {
@@ -140,41 +216,43 @@ func TestDispatchOrderAndTiming(t *testing.T) {
 			}
 		}
 	}
-	if s.Len() != 0 {
-		t.Fatalf("Len = %d", s.Len())
+	if n := src.left(); n != 0 {
+		t.Fatalf("%d left", n)
 	}
 }
 
-func TestAddEarlierWakesScheduler(t *testing.T) {
+func TestWakeDispatchesEarlierMessage(t *testing.T) {
 	clock := NewFakeClock(t0)
-	s := New(clock)
+	src := newFakeSource(clock)
 	got := make(chan store.ID, 1)
-	s.Add(1, t0.Add(time.Hour))
-	runScheduler(t, s, 1, func(id store.ID) { got <- id; s.Finish(id, false, time.Time{}) })
+	src.add(1, t0.Add(time.Hour))
+	runDispatcher(t, clock, src, 1, func(c store.Claim, _ func()) { got <- c.Message.ID })
 	clock.WaitTimers(1)
-	s.Add(2, t0) // due now
+	src.add(2, t0) // due now; the source wakes the dispatcher
 	if id := <-got; id != 2 {
 		t.Fatalf("dispatched %v", id)
 	}
 }
 
-func TestParallelismBound(t *testing.T) {
+// TestClaimsFillFreeSlots: one claim asks for every free slot, and no more
+// than parallel attempts run at once.
+func TestClaimsFillFreeSlots(t *testing.T) {
 	clock := NewFakeClock(t0)
-	s := New(clock)
+	src := newFakeSource(clock)
 	const n, parallel = 200, 7
 	for i := 1; i <= n; i++ {
-		s.Add(store.ID(i), t0)
+		src.add(store.ID(i), t0)
 	}
-	var cur, max, total atomic.Int64
+	var cur, maxCur, total atomic.Int64
 	release := make(chan struct{})
 	entered := make(chan struct{}, n)
 	var wg sync.WaitGroup
 	wg.Add(n)
-	runScheduler(t, s, parallel, func(id store.ID) {
-		c := cur.Add(1)
+	runDispatcher(t, clock, src, parallel, func(c store.Claim, _ func()) {
+		c2 := cur.Add(1)
 		for {
-			m := max.Load()
-			if c <= m || max.CompareAndSwap(m, c) {
+			m := maxCur.Load()
+			if c2 <= m || maxCur.CompareAndSwap(m, c2) {
 				break
 			}
 		}
@@ -182,95 +260,35 @@ func TestParallelismBound(t *testing.T) {
 		<-release
 		cur.Add(-1)
 		total.Add(1)
-		s.Finish(id, false, time.Time{})
 		wg.Done()
 	})
 	for i := 0; i < parallel; i++ {
 		<-entered
 	}
-	if s.Len() != n-parallel {
-		t.Fatalf("%d left in the heap with %d workers busy", s.Len(), parallel)
+	if left := src.left(); left != n-parallel {
+		t.Fatalf("%d left in the store with %d workers busy", left, parallel)
 	}
+	src.mu.Lock()
+	if src.maxAsked != parallel {
+		t.Errorf("the first claims asked for at most %d messages, want all %d free slots", src.maxAsked, parallel)
+	}
+	src.mu.Unlock()
 	close(release)
 	wg.Wait()
-	if max.Load() > parallel {
-		t.Fatalf("%d attempts at once, limit %d", max.Load(), parallel)
+	if maxCur.Load() > parallel {
+		t.Fatalf("%d attempts at once, limit %d", maxCur.Load(), parallel)
 	}
 	if total.Load() != n {
 		t.Fatalf("%d dispatched", total.Load())
 	}
 }
 
-func TestRemoveWhileInFlightRecordsRequest(t *testing.T) {
-	clock := NewFakeClock(t0)
-	s := New(clock)
-	s.Add(1, t0)
-	s.Add(2, t0.Add(time.Hour))
-	started := make(chan struct{})
-	finish := make(chan Request)
-	runScheduler(t, s, 1, func(id store.ID) {
-		if id != 1 {
-			return
-		}
-		close(started)
-		<-finish
-		first := s.Finish(id, true, t0.Add(time.Minute))
-		// The worker applies the request, still owning the message, and
-		// finishes again.
-		if st, _ := s.State(id); st != InFlight {
-			t.Errorf("message left flight while its request was applied: %v", st)
-		}
-		finish <- first
-		finish <- s.Finish(id, true, t0.Add(2*time.Minute))
-	})
-	<-started
-	if st, _ := s.Remove(1, 1); st != InFlight {
-		t.Fatalf("Remove in flight = %v", st)
-	}
-	if st, _ := s.Remove(1, 2); st != InFlight {
-		t.Fatalf("second Remove = %v", st)
-	}
-	if st, _ := s.Remove(1, 0); st != InFlight {
-		t.Fatalf("Remove without a request = %v", st)
-	}
-	if s.Add(1, t0) {
-		t.Fatal("Add succeeded for an in-flight message")
-	}
-	finish <- 0
-	if req := <-finish; req != 2 {
-		t.Fatalf("Finish returned %v, want the latest request 2", req)
-	}
-	if req := <-finish; req != 0 {
-		t.Fatalf("second Finish returned %v", req)
-	}
-	if st, due := s.State(1); st != Scheduled || !due.Equal(t0.Add(2*time.Minute)) {
-		t.Fatalf("after the last Finish: %v %v", st, due)
-	}
-	if st, due := s.Remove(2, 0); st != Scheduled || !due.Equal(t0.Add(time.Hour)) {
-		t.Fatalf("Remove scheduled = %v %v", st, due)
-	}
-	if st, _ := s.Remove(2, 0); st != Unknown {
-		t.Fatalf("Remove twice = %v", st)
-	}
-}
-
-func TestFinishReschedules(t *testing.T) {
-	s := New(NewFakeClock(t0))
-	s.inflight[5] = 0
-	if req := s.Finish(5, true, t0.Add(time.Hour)); req != 0 {
-		t.Fatal(req)
-	}
-	if st, due := s.State(5); st != Scheduled || !due.Equal(t0.Add(time.Hour)) {
-		t.Fatalf("State = %v %v", st, due)
-	}
-}
-
 func TestDeliveredFreesSlotWithinSaveBound(t *testing.T) {
 	clock := NewFakeClock(t0)
-	s := New(clock)
+	src := newFakeSource(clock)
 	const n = 20
 	for i := 1; i <= n; i++ {
-		s.Add(store.ID(i), t0)
+		src.add(store.ID(i), t0)
 	}
 	var mu sync.Mutex
 	delivering, saving, maxDelivering, maxSaving := 0, 0, 0, 0
@@ -279,12 +297,12 @@ func TestDeliveredFreesSlotWithinSaveBound(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		s.Run(ctx, 2, func(id store.ID, delivered func()) {
+		(&Dispatcher{Clock: clock, Source: src, Parallel: 2}).Run(ctx, func(c store.Claim, delivered func()) {
 			mu.Lock()
 			delivering++
 			maxDelivering = max(maxDelivering, delivering)
 			mu.Unlock()
-			started <- id
+			started <- c.Message.ID
 			mu.Lock()
 			delivering--
 			saving++
@@ -296,7 +314,6 @@ func TestDeliveredFreesSlotWithinSaveBound(t *testing.T) {
 			mu.Lock()
 			saving--
 			mu.Unlock()
-			s.Finish(id, false, time.Time{})
 		})
 		close(done)
 	}()

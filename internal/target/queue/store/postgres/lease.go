@@ -1,0 +1,240 @@
+package postgres
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/maddy-spool/spool/internal/target/queue/store"
+)
+
+// claimSQL leases up to $2 messages due at $1, earliest first, to $3 until
+// $4. SKIP LOCKED lets concurrent claims pass each other's rows; a row
+// another claim took since this statement's snapshot is re-checked after
+// its lock and dropped (its claimable_at moved to that lease's expiry).
+// While leased, claimable_at is the lease expiry, so an expired lease is
+// claimable like a due message.
+const claimSQL = `
+WITH c AS (
+	SELECT id, claimable_at FROM spool_messages
+	WHERE NOT held AND claimable_at <= $1
+	ORDER BY claimable_at, id
+	LIMIT $2
+	FOR UPDATE SKIP LOCKED
+)
+UPDATE spool_messages m SET
+	lease_token = m.lease_token + 1, lease_owner = $3, lease_expiry = $4, claimable_at = $4, receiving = false
+FROM c
+WHERE m.id = c.id
+RETURNING m.id, m.lease_token, m.meta, c.claimable_at`
+
+// Claim leases up to max messages that are due, earliest due first.
+// Entries whose metadata cannot be decoded are quarantined and skipped.
+func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
+	if err := s.enter(); err != nil {
+		return nil, err
+	}
+	defer s.leave()
+	if max <= 0 {
+		return nil, nil
+	}
+	now := s.now()
+	expiry := now.Add(s.opts.Lease)
+	type row struct {
+		id, token int64
+		meta      []byte
+		due       time.Time
+	}
+	rows, _ := s.pool.Query(ctx, claimSQL, now, max, s.node, expiry)
+	got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (row, error) {
+		var x row
+		err := r.Scan(&x.id, &x.token, &x.meta, &x.due)
+		return x, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("postgres: claim: %w", err)
+	}
+	slices.SortFunc(got, func(a, b row) int {
+		return cmp.Or(a.due.Compare(b.due), cmp.Compare(a.id, b.id))
+	})
+	claims := make([]store.Claim, 0, len(got))
+	for _, x := range got {
+		m, err := s.decode(ctx, x.id, x.meta)
+		if err != nil {
+			continue
+		}
+		claims = append(claims, store.Claim{
+			Lease:   &store.Lease{ID: m.ID, Owner: s.node, Token: uint64(x.token), Expiry: expiry},
+			Message: m,
+		})
+	}
+	return claims, nil
+}
+
+// decode decodes a row's metadata; damaged metadata is quarantined and
+// reported as ErrCorrupt.
+func (s *Store) decode(ctx context.Context, id int64, meta []byte) (*store.Message, error) {
+	m, err := store.DecodeMeta(store.ID(id), meta)
+	if err != nil {
+		if !s.readOnly { // a Reader writes nothing; a node moves it aside
+			s.quarantine(ctx, store.ID(id), err)
+		}
+		return nil, fmt.Errorf("%w: message %v: %v", store.ErrCorrupt, store.ID(id), err)
+	}
+	return m, nil
+}
+
+// ClaimID leases message id whatever its due time and held flag.
+func (s *Store) ClaimID(ctx context.Context, id store.ID) (store.Claim, error) {
+	if err := s.enter(); err != nil {
+		return store.Claim{}, err
+	}
+	defer s.leave()
+	now := s.now()
+	expiry := now.Add(s.opts.Lease)
+	var (
+		token int64
+		meta  []byte
+	)
+	err := s.pool.QueryRow(ctx, `
+		UPDATE spool_messages SET
+			lease_token = lease_token + 1, lease_owner = $2, lease_expiry = $3, claimable_at = $3, receiving = false
+		WHERE id = $1 AND (lease_owner IS NULL OR lease_expiry <= $4)
+		RETURNING lease_token, meta`, int64(id), s.node, expiry, now).Scan(&token, &meta)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return store.Claim{}, s.whyNot(ctx, id, store.ErrLeased)
+	}
+	if err != nil {
+		return store.Claim{}, fmt.Errorf("postgres: claim %v: %w", id, err)
+	}
+	m, err := s.decode(ctx, int64(id), meta)
+	if err != nil {
+		return store.Claim{}, err
+	}
+	return store.Claim{Lease: &store.Lease{ID: id, Owner: s.node, Token: uint64(token), Expiry: expiry}, Message: m}, nil
+}
+
+// whyNot tells why a conditional update of message id matched no row:
+// ErrNotFound if there is no such message, otherwise ifExists.
+func (s *Store) whyNot(ctx context.Context, id store.ID, ifExists error) error {
+	var exists bool
+	err := s.pool.QueryRow(ctx, "SELECT EXISTS (SELECT FROM spool_messages WHERE id = $1)", int64(id)).Scan(&exists)
+	switch {
+	case err != nil:
+		return fmt.Errorf("postgres: message %v: %w", id, err)
+	case !exists:
+		return store.ErrNotFound
+	}
+	return ifExists
+}
+
+// Request records r for message id, which a valid lease holds.
+func (s *Store) Request(ctx context.Context, id store.ID, r store.Request) error {
+	if err := s.enter(); err != nil {
+		return err
+	}
+	defer s.leave()
+	if r < store.RequestHold || r > store.RequestBounce {
+		return fmt.Errorf("postgres: unknown request %d", r)
+	}
+	tag, err := s.pool.Exec(ctx, `
+		UPDATE spool_messages SET request = $2
+		WHERE id = $1 AND lease_owner IS NOT NULL AND lease_expiry > $3`, int64(id), int16(r), s.now())
+	if err != nil {
+		return fmt.Errorf("postgres: request %v for %v: %w", r, id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return s.whyNot(ctx, id, store.ErrNotLeased)
+	}
+	return nil
+}
+
+// renewSQL extends the leases given as (id, token) pairs to $3 (receiving
+// leases to $4), locking the rows in ID order like the committers.
+const renewSQL = `
+WITH r AS (
+	SELECT m.id FROM spool_messages m
+	JOIN unnest($1::bigint[], $2::bigint[]) AS l(id, token) ON m.id = l.id AND m.lease_token = l.token
+	WHERE m.lease_owner IS NOT NULL
+	ORDER BY m.id
+	FOR UPDATE OF m
+)
+UPDATE spool_messages m SET
+	lease_expiry = CASE WHEN m.receiving THEN $4::timestamptz ELSE $3::timestamptz END,
+	claimable_at = CASE WHEN m.receiving THEN $4::timestamptz ELSE $3::timestamptz END
+FROM r
+WHERE m.id = r.id
+RETURNING m.id, m.receiving`
+
+// Renew extends the leases to a full lease time from now and returns
+// those no longer held.
+func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Lease, error) {
+	if err := s.enter(); err != nil {
+		return nil, err
+	}
+	defer s.leave()
+	if len(leases) == 0 {
+		return nil, nil
+	}
+	now := s.now()
+	expiry, recvExpiry := now.Add(s.opts.Lease), now.Add(s.opts.ReceiveLease)
+	ids := make([]int64, len(leases))
+	tokens := make([]int64, len(leases))
+	for i, l := range leases {
+		ids[i], tokens[i] = int64(l.ID), int64(l.Token)
+	}
+	rows, _ := s.pool.Query(ctx, renewSQL, ids, tokens, expiry, recvExpiry)
+	renewed := map[int64]bool{} // ID: receiving
+	var (
+		id        int64
+		receiving bool
+	)
+	_, err := pgx.ForEachRow(rows, []any{&id, &receiving}, func() error {
+		renewed[id] = receiving
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("postgres: renew: %w", err)
+	}
+	var lost []*store.Lease
+	for _, l := range leases {
+		receiving, ok := renewed[int64(l.ID)]
+		switch {
+		case !ok:
+			lost = append(lost, l)
+		case receiving:
+			l.Expiry = recvExpiry
+		default:
+			l.Expiry = expiry
+		}
+	}
+	return lost, nil
+}
+
+// NextDue returns when the earliest message Claim could return falls due.
+// This node's own leases are left out: it renews them while it works and
+// ends them itself, and every write that ends one wakes this node's
+// dispatcher (endLease), which then asks again.
+func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
+	if err := s.enter(); err != nil {
+		return time.Time{}, false, err
+	}
+	defer s.leave()
+	var due time.Time
+	err := s.pool.QueryRow(ctx, `
+		SELECT claimable_at FROM spool_messages
+		WHERE NOT held AND lease_owner IS DISTINCT FROM $1
+		ORDER BY claimable_at, id LIMIT 1`, s.node).Scan(&due)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return time.Time{}, false, nil
+	case err != nil:
+		return time.Time{}, false, fmt.Errorf("postgres: next due: %w", err)
+	}
+	return due, true, nil
+}

@@ -1,8 +1,0 @@
-//go:build !linux
-
-package store
-
-// RenameNoReplace links the new name and then unlinks the old one.
-func (OSFS) RenameNoReplace(oldName, newName string) error {
-	return linkUnlink(oldName, newName)
-}
