@@ -1,7 +1,7 @@
 // Package testutils provides test doubles for exercising the spool module
 // without a real maddy instance or a real network peer.
 //
-// Two fakes live here:
+// Two fakes and a fault injector live here:
 //
 //   - FakeTarget is an in-memory module.DeliveryTarget whose answers are
 //     scripted per attempt and per recipient. It stands in for the
@@ -18,6 +18,11 @@
 //     domain is down, recovery) and counts what the domain saw: RCPTs,
 //     transactions, accepted messages and the most transactions at once
 //     (DomainStats, WaitDomain).
+//
+//   - CutProxy forwards TCP connections to another address (e.g. a
+//     PostgreSQL server's Unix socket) and can cut them and refuse new ones
+//     until restored: a network partition between one client and its
+//     server.
 //
 // The cmd/smtpsink command wraps SMTPSink for end-to-end tests that run maddy
 // as a separate process; its flag parsing and reply rules (SinkRules,

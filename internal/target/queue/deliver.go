@@ -159,7 +159,7 @@ func (q *Queue) endCancelled(l *store.Lease, m *store.Message, pendingBefore int
 	} else {
 		req, err = q.store.Release(context.Background(), l)
 	}
-	q.afterWrite(l, m, req, err, "an attempt cancelled by shutdown")
+	q.afterWrite(l, m, req, err, "a cancelled attempt (shutdown, or its lease lost)")
 }
 
 // endUnattempted ends an attempt that could not read the message. A
@@ -194,9 +194,10 @@ func (q *Queue) afterWrite(l *store.Lease, m *store.Message, req store.Request, 
 	}
 }
 
-// errAttemptCancelled is what deliver returns for an attempt the shutdown
-// cancelled: the attempt does not count (see fate.Rules.Apply).
-var errAttemptCancelled = errors.New("attempt cancelled by shutdown")
+// errAttemptCancelled is what deliver returns for an attempt cancelled by
+// the shutdown or by the loss of its lease: the attempt does not count
+// (see fate.Rules.Apply).
+var errAttemptCancelled = errors.New("attempt cancelled (shutdown, or its lease lost)")
 
 // deliver runs one attempt for the pending recipients of m and records the
 // outcome in m (not yet on disk).
@@ -362,15 +363,18 @@ func (q *Queue) settle(retry context.Context, l *store.Lease, m *store.Message) 
 }
 
 // saveOutcome writes m's new state under l, or removes m. A failed write
-// is retried every storeRetryDelay by the caller's goroutine, which for an
-// attempt keeps the message's lease and its dispatcher slot meanwhile:
-// outcomes not yet saved are bounded by the dispatcher's slots (see
-// schedule.SavesPerSlot), and once every slot waits for the store no new
-// attempt starts. It gives up when retry ends (shutdown, or an operator
-// who stopped waiting), when the store has failed, or the lease is lost;
-// the attempt is then repeated (after restart, or by the node that took
-// the message over).
+// is retried by the caller's goroutine, after a second, then twice as long
+// each time up to storeRetryDelay (so a database back after an outage gets
+// the outcome within a second or two, and a full disk is not hammered);
+// for an attempt this keeps the message's lease and its dispatcher slot
+// meanwhile: outcomes not yet saved are bounded by the dispatcher's slots
+// (see schedule.SavesPerSlot), and once every slot waits for the store no
+// new attempt starts. It gives up when retry ends (shutdown, or an
+// operator who stopped waiting), when the store has failed, or the lease
+// is lost; the attempt is then repeated (after restart, or by the node
+// that took the message over).
 func (q *Queue) saveOutcome(retry context.Context, l *store.Lease, m *store.Message, remove bool) (store.Request, error) {
+	wait := firstSaveRetry
 	for {
 		// Not retry: a write handed to the store is finished or failed as
 		// a whole, and its result is what this says.
@@ -388,12 +392,16 @@ func (q *Queue) saveOutcome(retry context.Context, l *store.Lease, m *store.Mess
 			return 0, store.ErrLeaseLost
 		}
 		metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreSave).Inc()
-		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String())
-		if !q.sleep(retry, storeRetryDelay) {
+		q.Log.Error("cannot save queue state, will retry", err, "queue_id", m.ID.String(), "in", wait.String())
+		if !q.sleep(retry, wait) {
 			return 0, err
 		}
+		wait = min(2*wait, storeRetryDelay)
 	}
 }
+
+// firstSaveRetry is how soon a failed save is retried the first time.
+const firstSaveRetry = time.Second
 
 // sleep waits for d on the queue's clock; false if ctx ended first.
 func (q *Queue) sleep(ctx context.Context, d time.Duration) bool {

@@ -243,10 +243,14 @@ func (d *delivery) Commit(ctx context.Context) error {
 	for i, p := range parts {
 		req, err := q.store.Commit(ctx, p.lease)
 		if err != nil {
-			// This entry stays stored under its receiving lease, and is
-			// delivered when that expires (at least once); entries not
-			// committed yet are removed. Telling the client it failed may
-			// make it send the message again, but never loses it.
+			// The client is told the message failed and sends it again,
+			// so this entry and those not committed yet are removed: this
+			// one handed back to the expiry of uncommitted messages, which
+			// retries the (fenced) removal until it succeeds. If its
+			// commit did go through and only the reply was lost, the
+			// removal changes nothing and it is delivered; entries
+			// committed before it are delivered too: at least once.
+			q.receiving.removeLater(p.lease)
 			for _, rest := range parts[i+1:] {
 				q.removeUncommitted(ctx, rest.lease)
 			}

@@ -270,8 +270,8 @@ func (q *Queue) Close() error {
 		<-q.renewDone
 		// Sessions still between Body and Commit cannot be told their
 		// message was accepted: a Commit after this fails (receiving.go).
-		for _, r := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
-			q.removeUncommitted(context.Background(), r)
+		for _, e := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
+			q.removeUncommitted(context.Background(), e.lease)
 		}
 		q.unregister()
 		err = q.store.Close()

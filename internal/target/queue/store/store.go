@@ -163,6 +163,9 @@ type Claim struct {
 type LeaseInfo struct {
 	Owner  string
 	Expiry time.Time
+	// Token is the lease's fencing token: a renewal keeps it, a new lease
+	// of the message has a larger one.
+	Token uint64
 	// Receiving is set while the session that stores the message holds
 	// it (between Create and Commit).
 	Receiving bool

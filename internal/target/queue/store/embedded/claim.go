@@ -60,7 +60,7 @@ func (c *core) leaseInfo(id store.ID) *store.LeaseInfo {
 	if l == nil {
 		return nil
 	}
-	return &store.LeaseInfo{Owner: l.owner, Expiry: l.expiry, Receiving: l.receiving, Request: l.request}
+	return &store.LeaseInfo{Owner: l.owner, Expiry: l.expiry, Token: l.token, Receiving: l.receiving, Request: l.request}
 }
 
 // requeueExpired puts the messages of expired leases of other nodes than
