@@ -52,12 +52,7 @@ func (q *Queue) attempt(c store.Claim, dec schedule.Decision, delivered func()) 
 		q.cfg.rules().Postpone(m, q.dests.Reason(m.Destination), now, q.rand())
 		q.logOutcomes(m, nil, "postponed: destination suspended")
 		q.settle(q.stopping, c.Lease, m)
-		if q.dests.Reason(m.Destination) == nil {
-			// The suspension ended while this message was being
-			// postponed (a probe succeeded, or an operator lifted it):
-			// its release may have missed this message.
-			q.destinationBack(m.Destination)
-		}
+		q.releaseIfBack(m.Destination, true)
 		return
 	}
 
@@ -83,6 +78,7 @@ func (q *Queue) attempt(c store.Claim, dec schedule.Decision, delivered func()) 
 	case schedule.Recovered:
 		q.destinationBack(m.Destination)
 	}
+	suspended := q.dests.IsSuspended(m.Destination)
 	delivered()
 	switch {
 	case errors.Is(err, errAttemptCancelled):
@@ -91,6 +87,19 @@ func (q *Queue) attempt(c store.Claim, dec schedule.Decision, delivered func()) 
 		q.endUnattempted(c.Lease, m, err)
 	default:
 		q.settle(q.stopping, c.Lease, m)
+	}
+	q.releaseIfBack(m.Destination, suspended)
+}
+
+// releaseIfBack makes dest's waiting messages due if dest was suspended
+// when the caller's message got its new retry time and no longer is now
+// that the message is saved: the suspension ended (a probe worked, or an
+// operator lifted it) while the message was leased, so the release the
+// recovery made could not reach it, and its save put back a retry time
+// chosen for a dead destination.
+func (q *Queue) releaseIfBack(dest string, wasSuspended bool) {
+	if wasSuspended && !q.dests.IsSuspended(dest) {
+		q.destinationBack(dest)
 	}
 }
 

@@ -269,6 +269,14 @@ func (d *Destinations) endLocked(dest string) {
 	}
 }
 
+// IsSuspended reports whether dest is suspended as dead.
+func (d *Destinations) IsSuspended(dest string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := d.state[dest]
+	return st != nil && !st.until.IsZero()
+}
+
 // Reason returns why dest is suspended (nil if it is not).
 func (d *Destinations) Reason(dest string) *store.SMTPStatus {
 	d.mu.Lock()

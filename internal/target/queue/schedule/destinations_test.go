@@ -86,6 +86,9 @@ func TestDestinationProbes(t *testing.T) {
 	if got := d.Admit("a.test"); got != Postpone {
 		t.Fatalf("a message of a suspended destination: %v, want Postpone", got)
 	}
+	if !d.IsSuspended("a.test") || d.IsSuspended("b.test") {
+		t.Fatal("IsSuspended does not say a.test alone is suspended")
+	}
 	// The attempt that started before the suspension fails too: nothing
 	// new, the suspension stays as it is.
 	if got := d.Done("a.test", Attempt, Failed, refused); got != Unchanged {
@@ -123,7 +126,7 @@ func TestDestinationProbes(t *testing.T) {
 	if d.Done("a.test", Probe, Answered, nil) != Recovered {
 		t.Fatal("a successful probe did not recover the destination")
 	}
-	if sus := d.Suspended(); len(sus) != 0 {
+	if sus := d.Suspended(); len(sus) != 0 || d.IsSuspended("a.test") {
 		t.Fatalf("still suspended: %+v", sus)
 	}
 	if got := d.Admit("a.test"); got != Attempt {
