@@ -123,7 +123,9 @@ func (r *runner) destDead(bin string, kinds []bench.Kind) error {
 	attempts := r.table.Figure("attempts reaching the dead domain during the outage", "")
 	first := r.table.Figure("… of them in the outage's first 10 s", "")
 	par := r.table.Figure("dead domain's most transactions at once at the sink", "")
+	found := r.table.Figure("recovery → its first message delivered (the probe)", "ms")
 	recovery := r.table.Figure("recovery → its last message delivered", "ms")
+	drain := r.table.Figure("its messages delivered after the recovery, first → last", "msg/s")
 	delivered := r.table.Figure(fmt.Sprintf("its messages delivered (of %d)", r.o.destN), "")
 	p50Base := r.table.Figure("other mail MAIL → sink p50, before the outage", "ms")
 	p50OK := r.table.Figure("other mail MAIL → sink p50, during the outage", "ms")
@@ -191,6 +193,12 @@ func (r *runner) destDead(bin string, kinds []bench.Kind) error {
 			first.Add(kind, float64(res.FirstTenSeconds))
 			par.Add(kind, float64(res.MaxInFlight))
 			delivered.Add(kind, float64(res.Dead.Count))
+			if res.Dead.Count > 0 {
+				found.Add(kind, bench.Ms(res.RecoveryToFirst))
+			}
+			if res.Dead.Count > 1 && res.Dead.Took > res.Dead.First {
+				drain.Add(kind, float64(res.Dead.Count-1)/(res.Dead.Took-res.Dead.First).Seconds())
+			}
 			if res.Dead.Count < res.DeadSent {
 				recovery.AddNote("%s: only %d of %d delivered within %v of the recovery", kind, res.Dead.Count, res.DeadSent, r.o.timeout)
 			} else {

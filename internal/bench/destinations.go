@@ -122,9 +122,9 @@ type DomainResult struct {
 	Count int
 	// Latency holds each one's time from MAIL to the sink's receipt.
 	Latency []time.Duration
-	// Took is the time from the start of the load until the last one
-	// arrived.
-	Took time.Duration
+	// First and Took are the times from the start of the load until the
+	// first and the last one arrived.
+	First, Took time.Duration
 }
 
 // P50 is the median latency.
@@ -217,6 +217,9 @@ func (s *destSink) received(m *testutils.Message) error {
 	r.Latency = append(r.Latency, now.Sub(time.Unix(0, ns)))
 	if !s.start.IsZero() {
 		r.Took = now.Sub(s.start)
+		if r.Count == 1 {
+			r.First = r.Took
+		}
 	}
 	close(s.changed)
 	s.changed = make(chan struct{})
@@ -385,8 +388,10 @@ type DeadResult struct {
 	FirstTenSeconds int
 	MaxInFlight     int
 	// RecoveryToLast is the time from the destination's recovery until
-	// its last message arrived (or until the wait ended, if not all did).
-	RecoveryToLast time.Duration
+	// its last message arrived (or until the wait ended, if not all did);
+	// RecoveryToFirst until its first arrived (the probe that found it
+	// back).
+	RecoveryToLast, RecoveryToFirst time.Duration
 	// Base is the trickle before the outage, OK the one during it.
 	Base, OK         DomainResult
 	BaseSent, OKSent int
@@ -461,6 +466,9 @@ func RunDeadDestination(c DeadConfig) (DeadResult, error) {
 	}
 	sink.waitCounts(map[string]int{GroupDead: res.DeadSent, GroupOK: res.OKSent}, recovered.Add(c.Timeout))
 	res.Dead, res.Base, res.OK = sink.result(GroupDead), sink.result(GroupBase), sink.result(GroupOK)
+	if res.Dead.Count > 0 {
+		res.RecoveryToFirst = res.Dead.First - recovered.Sub(outageStart)
+	}
 	if res.Dead.Count >= res.DeadSent {
 		res.RecoveryToLast = res.Dead.Took - recovered.Sub(outageStart)
 	} else {
