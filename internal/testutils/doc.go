@@ -13,6 +13,11 @@
 //     go-smtp. It stands in for the next hop when a real maddy delivers over
 //     the network, answers MAIL/RCPT/DATA according to a script, and records
 //     what it accepted so tests can check for lost or duplicated mail.
+//     Per recipient domain it can stand in for that domain's servers
+//     (SetDomain: slow RCPT or DATA, a refusal such as 451 4.4.1 while the
+//     domain is down, recovery) and counts what the domain saw: RCPTs,
+//     transactions, accepted messages and the most transactions at once
+//     (DomainStats, WaitDomain).
 //
 //   - CutProxy forwards TCP connections to another address (e.g. a
 //     PostgreSQL server's Unix socket) and can cut them and refuse new ones

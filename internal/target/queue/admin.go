@@ -193,6 +193,7 @@ func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Messa
 			break
 		}
 		m.Held, m.NextAttempt, detail = false, now, "released, due now"
+		q.liftSuspension(m.Destination)
 	case admin.OpRetry:
 		switch {
 		case m.Held:
@@ -201,6 +202,7 @@ func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Messa
 			o, detail = admin.Unchanged, "no recipient pending"
 		default:
 			m.NextAttempt, detail = now, "due now"
+			q.liftSuspension(m.Destination)
 		}
 	case admin.OpDelete:
 		if err := q.store.Delete(ctx, l); err != nil {
@@ -255,6 +257,31 @@ func (q *Queue) Content(m *store.Message) (store.Content, error) {
 
 // Now implements admin.Queue.
 func (q *Queue) Now() time.Time { return q.clock.Now() }
+
+// Suspended implements admin.Queue.
+func (q *Queue) Suspended() []admin.Suspended {
+	var out []admin.Suspended
+	for _, s := range q.dests.Suspended() {
+		a := admin.Suspended{Destination: destinationName(s.Destination), Since: s.Since, NextProbe: s.NextProbe}
+		if s.Reason != nil {
+			a.Reason = s.Reason.String()
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+// liftSuspension ends the suspension of the destination of a message an
+// operator retries or releases: the operator asks for the message to go
+// now, so it goes out at once instead of waiting for the next probe.
+// If it is delivered, the destination's other waiting messages follow
+// (see destinationBack); if it fails, the destination is suspended again
+// after dead_destination_after failures.
+func (q *Queue) liftSuspension(dest string) {
+	if q.dests.Lift(dest) {
+		q.Log.Msg("operator lifted the suspension of a destination", "destination", destinationName(dest))
+	}
+}
 
 // logAdmin writes one log line per operator change: who, what, which.
 func (q *Queue) logAdmin(instance string, op admin.Op, peer admin.Peer, f admin.Filter, res admin.Result) {

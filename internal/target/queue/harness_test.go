@@ -37,8 +37,10 @@ type harness struct {
 	clock  *schedule.FakeClock
 	target *testutils.FakeTarget
 	bounce *testutils.FakeTarget
-	cfg    settings
-	q      *Queue
+	// fallback, if set, is the queue's fallback target.
+	fallback *testutils.FakeTarget
+	cfg      settings
+	q        *Queue
 
 	// wrapStore, if set, wraps the store the next open runs on;
 	// noWaitLoad makes open return before the stored schedule is loaded.
@@ -67,6 +69,12 @@ func testSettings() settings {
 		shutdownTimeout: 5 * time.Second,
 		successAction:   "relayed",
 		store:           storeSettings{node: "test-node", lease: defaultLease},
+		// One destination, with room for every attempt: the tests of
+		// destinations set their own.
+		destinations:   destinationSingle,
+		perDestination: 4,
+		backoffMin:     defaultBackoffMin,
+		backoffMax:     defaultBackoffMax,
 	}
 }
 
@@ -101,6 +109,9 @@ func (h *harness) open() {
 	}
 	if h.bounce != nil {
 		q.bounce = h.bounce
+	}
+	if h.fallback != nil {
+		q.fallback = h.fallback
 	}
 	q.onAttemptDone = func(id store.ID) { h.done <- id }
 	// Entries are checked often in real time; whether they expired is

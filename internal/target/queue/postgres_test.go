@@ -46,6 +46,12 @@ func TestOnPostgres(t *testing.T) {
 		{"ReturnedContent", TestReturnedContent},
 		{"HundredRecipientsOneReport", TestHundredRecipientsOneReport},
 		{"StressEnqueueDeliverAdmin", TestStressEnqueueDeliverAdmin},
+		{"SlowDestinationHoldsOnlyItsOwnSlots", TestSlowDestinationHoldsOnlyItsOwnSlots},
+		{"MessageStoredPerDestination", TestMessageStoredPerDestination},
+		{"DeadDestinationSuspendedProbedAndReleased", TestDeadDestinationSuspendedProbedAndReleased},
+		{"RetryLiftsSuspension", TestRetryLiftsSuspension},
+		{"SuspensionKeepsDeadlineAndDelayReports", TestSuspensionKeepsDeadlineAndDelayReports},
+		{"FallbackTarget", TestFallbackTarget},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			onPostgres = true

@@ -49,7 +49,9 @@ func fullMessage(i int, held bool) *store.Message {
 			{Addr: "done@x.test", Notify: []string{"SUCCESS", "FAILURE"}, OrigType: "rfc822", Orig: "Done@X.test",
 				Original: "done-alias@x.test", State: store.RcptDelivered, Tries: 2, LastAttempt: at.Add(time.Minute),
 				LastError: &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 4, 1}, Message: "later", Temporary: true, RemoteMTA: "mx.x.test"},
-				Reported:  0x5, DelayRepeats: 1},
+				Reported:  0x5, DelayRepeats: 1, Via: "fallback relay",
+				History: []store.RcptAttempt{{Time: at, Status: &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 4, 1}, Message: "later", Temporary: true, RemoteMTA: "mx.x.test"}},
+					{Time: at.Add(time.Minute), Via: "fallback relay"}}},
 			{Addr: "grey@y.test", Notify: []string{"DELAY"}, OrigType: "rfc822", Orig: "grey@y.test",
 				Original: "grey-alias@y.test", State: store.RcptPending, Tries: 3, LastAttempt: at.Add(2 * time.Minute),
 				LastError: &store.SMTPStatus{Code: 450, Enhanced: [3]int{4, 2, 1}, Message: "greylisted", Temporary: true, RemoteMTA: "mx.y.test"},
@@ -60,6 +62,9 @@ func fullMessage(i int, held bool) *store.Message {
 				Reported:  0x1, DelayRepeats: 3},
 		},
 		Attempts:     3,
+		Destination:  "x.test",
+		HeaderMsgID:  fmt.Sprintf("<%d@origin.test>", i),
+		Postponed:    2,
 		FirstAttempt: at.Add(time.Second),
 		LastAttempt:  at.Add(2 * time.Minute),
 		NextAttempt:  at.Add(time.Hour),
@@ -247,7 +252,7 @@ func pgDest(t *testing.T) *testDest {
 		return c.Header, readBody(t, c.Body)
 	}
 	td.claim = func(t *testing.T) []store.ID {
-		claims, err := node.Claim(ctx, 1000)
+		claims, err := node.Claim(ctx, 1000, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
