@@ -51,36 +51,26 @@ func deferRemote(stage, _, rcpt string, _ int) *smtp.SMTPError {
 
 // writeAdminConfig writes writeConfig's configuration without metrics
 // and with one retry after an hour, so that no attempt happens unless a
-// command asks for it. p.Extra goes into the target.spool block.
+// command asks for it. p.Extra goes into the target.spool block. The
+// sink of these tests defers everything, and the commands they test must
+// reach every message they select: dead-destination suspension, which
+// would postpone the retried mail once the next hop has failed 5 times,
+// is off (tests/destinations_test.go tests it).
 func writeAdminConfig(t *testing.T, p params) string {
 	t.Helper()
 	p.Retry, p.MaxTries = "1h", "10"
+	p.Extra = append([]string{"dead_destination_after 0"}, p.Extra...)
 	return writeConfig(t, p)
 }
 
 // newAdminEnv starts a server on writeAdminConfig's configuration (extra
-// lines go into the target.spool block),
-// retrying with other ports if the picked one was taken meanwhile.
+// lines go into the target.spool block).
 func newAdminEnv(t *testing.T, sink *testutils.SMTPSink, extra ...string) *env {
 	t.Helper()
-	e := &env{t: t, sink: sink}
-	for try := 1; ; try++ {
-		e.p = params{Dir: t.TempDir(), SMTPPort: freePorts(t, 1)[0], SinkPort: sink.Port(), Extra: extra}
-		e.cfg = writeAdminConfig(t, e.p)
-		s, err := launch(t, "--config", e.cfg, "run")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err = s.findLog(e.readyLine(), waitTimeout); err == nil {
-			e.srv = s
-			return e
-		}
-		s.kill()
-		if try < 3 && s.countLog("address already in use") > 0 {
-			continue
-		}
-		t.Fatal(err)
-	}
+	return startEnv(t, sink, func(p *params) string {
+		p.MetricsPort, p.Extra = 0, extra
+		return writeAdminConfig(t, *p)
+	})
 }
 
 // cliResult is what one `maddy spool` run printed and how it exited.

@@ -117,7 +117,7 @@ func TestRetryAfterTemporaryFailure(t *testing.T) {
 	if d := dsns(msgs); len(d) > 0 {
 		t.Errorf("unexpected DSNs (delay_warning is 4h):\n%s", describe(d))
 	}
-	if n := e.srv.countLog("delivery attempt failed", `"temporary":true`); n < 1 {
+	if n := e.srv.countLog("recipient outcome", `"status":"deferred"`); n < 1 {
 		t.Errorf("no temporary failure logged; log:\n%s", e.srv.tail(30))
 	}
 }

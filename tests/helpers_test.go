@@ -478,19 +478,29 @@ type env struct {
 }
 
 // newEnv writes a configuration pointing at sink (tweaked by tweak, if not
-// nil) into a fresh directory and starts the server. A port picked by
-// freePorts can be taken by someone else before maddy binds it; then it
-// tries again with new ports.
+// nil) into a fresh directory and starts the server.
 func newEnv(t *testing.T, sink *testutils.SMTPSink, tweak func(*params)) *env {
+	t.Helper()
+	return startEnv(t, sink, func(p *params) string {
+		if tweak != nil {
+			tweak(p)
+		}
+		return writeConfig(t, *p)
+	})
+}
+
+// startEnv starts a server on the configuration write writes, given a
+// fresh directory and free ports for SMTP and metrics (write fills in the
+// rest of the params, which the env keeps; it may drop the metrics port).
+// A port picked by freePorts can be taken by someone else before maddy
+// binds it; then it tries again with new ports.
+func startEnv(t *testing.T, sink *testutils.SMTPSink, write func(p *params) string) *env {
 	t.Helper()
 	e := &env{t: t, sink: sink}
 	for try := 1; ; try++ {
 		ports := freePorts(t, 2)
 		e.p = params{Dir: t.TempDir(), SMTPPort: ports[0], MetricsPort: ports[1], SinkPort: sink.Port()}
-		if tweak != nil {
-			tweak(&e.p)
-		}
-		e.cfg = writeConfig(t, e.p)
+		e.cfg = write(&e.p)
 		s, err := launch(t, "--config", e.cfg, "run")
 		if err != nil {
 			t.Fatal(err)

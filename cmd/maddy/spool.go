@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -16,9 +15,9 @@ import (
 
 	"github.com/maddy-spool/spool/internal/target/queue"
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
-	"github.com/maddy-spool/spool/internal/target/queue/migrate"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
+	"github.com/maddy-spool/spool/internal/target/queue/store/postgres"
 )
 
 // changeTimeout bounds a change command; the server itself waits at most
@@ -68,10 +67,10 @@ is not running; the other commands need the running server.`,
 			changeCommand(admin.OpBounce, "Fail the pending recipients now, with a DSN to the sender (status 5.0.0)"),
 			{
 				Name:  "import",
-				Usage: "Move the messages of a stopped maddy target.queue directory into a target.spool queue",
+				Usage: "Move the messages of a stopped maddy's target.queue directory or Spool store into a target.spool queue (its directory, or its PostgreSQL store)",
 				Flags: append([]cli.Flag{
-					&cli.PathFlag{Name: "from", Required: true, Usage: "target.queue directory to import (e.g. /var/lib/maddy/remote_queue)"},
-					&cli.StringFlag{Name: "to", Usage: "target.spool instance name, or queue directory (default: the only instance)"},
+					&cli.PathFlag{Name: "from", Required: true, Usage: "target.queue directory, or Spool store directory (with queue.db), to import (e.g. /var/lib/maddy/remote_queue)"},
+					&cli.StringFlag{Name: "to", Usage: "target.spool instance name (a directory, or store postgres), or queue directory (default: the only instance)"},
 					&cli.BoolFlag{Name: "dry-run", Usage: "check every entry and say what would be done, change nothing"},
 				}, socketFlag()),
 				Action: spoolImport,
@@ -225,25 +224,18 @@ func readOnline(c *cli.Context, setup *spoolSetup, req admin.Request, fn func(ad
 	return true, err
 }
 
-// withOffline opens each selected queue directory read-only, for reads
-// while the server is down.
+// withOffline opens each selected queue read-only, for reads while the
+// server is down: an embedded store's directory, or a PostgreSQL store's
+// database (read without joining the cluster).
 func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st admin.Reader) error) error {
 	insts, err := setup.pick(c)
 	if err != nil {
 		return err
 	}
 	for _, inst := range insts {
-		if c.String("dir") == "" {
-			fmt.Fprintf(os.Stderr, "maddy is not running (nothing listens on %s): reading %s read-only\n", setup.socket, inst.location)
-		}
-		if _, err := os.Stat(inst.location); err != nil {
-			return fmt.Errorf("instance %s: %w", inst.name, err)
-		}
-		st, err := embedded.OpenDir(inst.location, embedded.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
+		st, err := openOffline(c, setup, inst)
 		if err != nil {
-			// A running server holds the lock; it is then reachable only
-			// on another socket, or not at all (admin_socket off).
-			return fmt.Errorf("instance %s: %w (if maddy is running, its control socket is elsewhere: --socket, or admin_socket off in its configuration)", inst.name, err)
+			return err
 		}
 		err = fn(inst.name, st)
 		st.Close()
@@ -252,6 +244,38 @@ func withOffline(c *cli.Context, setup *spoolSetup, fn func(name string, st admi
 		}
 	}
 	return nil
+}
+
+// offlineReader is a queue read without the server.
+type offlineReader interface {
+	admin.Reader
+	Close() error
+}
+
+func openOffline(c *cli.Context, setup *spoolSetup, inst spoolInstance) (offlineReader, error) {
+	if inst.pgDSN != "" {
+		fmt.Fprintf(os.Stderr, "maddy is not running here (nothing listens on %s): reading instance %s from its PostgreSQL store\n", setup.socket, inst.name)
+		ctx, cancel := signalContext(30 * time.Second)
+		defer cancel()
+		r, err := postgres.OpenReader(ctx, inst.pgDSN)
+		if err != nil {
+			return nil, fmt.Errorf("instance %s: %w", inst.name, err)
+		}
+		return r, nil
+	}
+	if c.String("dir") == "" {
+		fmt.Fprintf(os.Stderr, "maddy is not running (nothing listens on %s): reading %s read-only\n", setup.socket, inst.location)
+	}
+	if _, err := os.Stat(inst.location); err != nil {
+		return nil, fmt.Errorf("instance %s: %w", inst.name, err)
+	}
+	st, err := embedded.OpenDir(inst.location, embedded.DirOptions{ReadOnly: true, LockTimeout: 2 * time.Second})
+	if err != nil {
+		// A running server holds the lock; it is then reachable only
+		// on another socket, or not at all (admin_socket off).
+		return nil, fmt.Errorf("instance %s: %w (if maddy is running, its control socket is elsewhere: --socket, or admin_socket off in its configuration)", inst.name, err)
+	}
+	return st, nil
 }
 
 func spoolList(c *cli.Context) error {
@@ -469,82 +493,4 @@ func missingIDs(f admin.Filter, results []admin.Result) []string {
 		}
 	}
 	return missing
-}
-
-func spoolImport(c *cli.Context) error {
-	setup, err := loadSpoolSetup(c)
-	if err != nil {
-		return err
-	}
-	dir, err := importTarget(setup, c.String("to"))
-	if err != nil {
-		return err
-	}
-	dryRun := c.Bool("dry-run")
-	if _, err := os.Stat(filepath.Join(dir, "queue.db")); dryRun && errors.Is(err, os.ErrNotExist) {
-		// Nothing imported yet: a dry run checks against an empty store
-		// rather than create one in dir.
-		tmp, err := os.MkdirTemp("", "spool-import-dry-run-")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(tmp)
-		dir, dryRun = tmp, false
-	}
-	st, err := embedded.OpenDir(dir, embedded.DirOptions{LockTimeout: 2 * time.Second, ReadOnly: dryRun})
-	if err != nil {
-		return fmt.Errorf("opening %s: %w (stop maddy before importing)", dir, err)
-	}
-	defer st.Close()
-	ctx, cancel := signalContext(0)
-	defer cancel()
-	opts := migrate.Options{DryRun: c.Bool("dry-run")}
-	// Progress on a terminal only: in a file or a pipe it would be noise
-	// (the summary at the end says what happened).
-	var meter *progressMeter
-	if isTerminal(os.Stderr) {
-		meter = newProgressMeter(os.Stderr, time.Now)
-		opts.Progress = func(p migrate.Progress) {
-			phase := "importing"
-			if p.Phase == migrate.PhaseReading {
-				phase = "reading metadata"
-			}
-			meter.update(phase, p.Done, p.Total)
-		}
-	}
-	res, err := migrate.Import(ctx, c.Path("from"), st, opts)
-	if meter != nil {
-		// Before the report, which may go to the same terminal.
-		meter.done()
-	}
-	if werr := res.Write(os.Stdout); werr != nil && err == nil {
-		err = werr
-	}
-	if err != nil {
-		return err
-	}
-	if len(res.Failed) > 0 {
-		return cli.Exit(fmt.Sprintf("%d entries were not imported; they are left in %s", len(res.Failed), c.Path("from")), 1)
-	}
-	return nil
-}
-
-// importTarget resolves --to: an instance name from the configuration, or
-// a directory; by default the only instance.
-func importTarget(setup *spoolSetup, to string) (string, error) {
-	if to == "" {
-		if len(setup.instances) != 1 {
-			return "", fmt.Errorf("name the target.spool instance or directory with --to (instances in %s: %s)", setup.configPath, setup.names())
-		}
-		return setup.instances[0].location, nil
-	}
-	for _, inst := range setup.instances {
-		if inst.name == to {
-			return inst.location, nil
-		}
-	}
-	if strings.ContainsRune(to, os.PathSeparator) {
-		return to, nil
-	}
-	return "", fmt.Errorf("--to %q: no such target.spool instance in %s (have: %s); give a path for a directory", to, setup.configPath, setup.names())
 }

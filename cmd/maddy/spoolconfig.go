@@ -29,6 +29,8 @@ type spoolSetup struct {
 type spoolInstance struct {
 	name     string // block name; "inline:LOCATION" for inline definitions
 	location string
+	// pgDSN is set for a queue in a PostgreSQL store (store postgres).
+	pgDSN string
 }
 
 // loadSpoolSetup reads the configuration the server would use (the same
@@ -115,6 +117,14 @@ func instanceOf(n parser.Node, top bool, stateDir string) (spoolInstance, string
 			continue
 		}
 		switch ch.Name {
+		case "store":
+			if ch.Args[0] == "postgres" {
+				for _, sub := range ch.Children {
+					if sub.Name == "dsn" && len(sub.Args) == 1 {
+						inst.pgDSN = sub.Args[0]
+					}
+				}
+			}
 		case "location":
 			inst.location = ch.Args[0]
 		case "admin_socket":

@@ -144,6 +144,9 @@ func printDetail(w io.Writer, d *admin.Detail) error {
 	row("From", clean(from, 500))
 	row("Size", fmt.Sprintf("%d bytes", d.Size))
 	row("Arrived", when(d.Arrival))
+	if d.Destination != "" {
+		row("Destination", clean(d.Destination, 300))
+	}
 	row("Attempts", fmt.Sprintf("%d (first %s, last %s)", d.Attempts, when(d.FirstAttempt), when(d.LastAttempt)))
 	var opts []string
 	for _, o := range []struct{ k, v string }{{"ENVID", d.EnvelopeID}, {"RET", d.Return}, {"BODY", d.BodyType}} {
@@ -183,9 +186,19 @@ func printDetail(w io.Writer, d *admin.Detail) error {
 		if r.ORCPT != "" {
 			line += ", ORCPT=" + clean(r.ORCPT, 500)
 		}
+		if r.Via != "" {
+			line += ", through " + clean(r.Via, 200)
+		}
 		fmt.Fprintln(w, line)
 		if r.LastError != "" {
 			fmt.Fprintln(w, "      last error: "+clean(r.LastError, 2000))
+		}
+		for _, a := range r.History {
+			h := "      " + when(a.Time) + "  " + clean(a.Result, 500)
+			if a.Via != "" {
+				h += "  (through " + clean(a.Via, 200) + ")"
+			}
+			fmt.Fprintln(w, h)
 		}
 	}
 	if len(d.History) > 0 {
@@ -230,6 +243,21 @@ func printStats(w io.Writer, s admin.Stats) error {
 		for _, e := range s.TopErrors {
 			fmt.Fprintf(w, "%8d  %s\n", e.Recipients, clean(e.Key, 200))
 		}
+	}
+	if len(s.Suspended) > 0 {
+		fmt.Fprintln(w, "\nSuspended destinations (dead; none of their mail is attempted until a probe succeeds):")
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "  DESTINATION\tSINCE (UTC)\tNEXT PROBE (UTC)\tREASON")
+		for _, d := range s.Suspended {
+			next := when(d.NextProbe)
+			if d.NextProbe.IsZero() {
+				next = "probing now"
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", clean(d.Destination, 100), when(d.Since), next, clean(d.Reason, 200))
+		}
+		tw.Flush()
+		fmt.Fprintln(w, "  (* is the whole next hop; maddy spool retry or release of a destination's mail lifts its suspension,")
+		fmt.Fprintln(w, "  e.g. maddy spool retry --to @DOMAIN, or retry --all for *)")
 	}
 	fmt.Fprintln(w)
 	return nil

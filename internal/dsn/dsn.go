@@ -148,6 +148,11 @@ type Recipient struct {
 	// WillRetryUntil is when the delivery attempts will stop; written only
 	// for ActionDelayed; zero: omitted.
 	WillRetryUntil time.Time
+	// Via says how the message was sent when it was not the usual way,
+	// e.g. "fallback relay outbound_relay"; written as the extension field
+	// X-Spool-Via (RFC 3464 section 3.3 allows X- fields) and in the text.
+	// Empty: omitted.
+	Via string
 }
 
 // Report is everything needed to generate one notification. All recipients
@@ -255,7 +260,11 @@ type rcptPlan struct {
 	diag        string // cleaned, bounded, may be non-ASCII
 	lastAttempt time.Time
 	retryUntil  time.Time
+	via         string // cleaned, bounded
 }
+
+// maxViaLen bounds Recipient.Via.
+const maxViaLen = 200
 
 // plan is a validated Report with every decision taken.
 type plan struct {
@@ -374,6 +383,7 @@ func prepare(r *Report, now func() time.Time) (*plan, error) {
 		rc.status = normStatus(in.Status, rc.action)
 		rc.remoteMTA = cleanHost(in.RemoteMTA)
 		rc.diag = truncate(cleanText(in.DiagnosticCode), maxTextLen)
+		rc.via = truncate(cleanText(in.Via), maxViaLen)
 		if usableDate(in.LastAttemptDate) {
 			rc.lastAttempt = in.LastAttemptDate
 		}

@@ -459,6 +459,13 @@ func TestFieldRules(t *testing.T) {
 			recipient: []string{"Final-Recipient: rfc822; bob@example.net", "Action: failed", "Status: 5.0.0", "Last-Attempt-Date: Tue, 05 Mar 2024 10:00:00 -0700"},
 		},
 		{
+			name: "route through a fallback relay",
+			mutate: func(r *Report) {
+				r.Recipients[0] = Recipient{FinalRecipient: "bob@example.net", Action: ActionRelayed, Via: "fallback relay\r\nsmarthost"}
+			},
+			recipient: []string{"Final-Recipient: rfc822; bob@example.net", "Action: relayed", "Status: 2.0.0", "X-Spool-Via: fallback relay smarthost"},
+		},
+		{
 			name: "delayed with will-retry-until",
 			mutate: func(r *Report) {
 				r.Recipients[0] = Recipient{FinalRecipient: "bob@example.net", Action: ActionDelayed, Status: "4.4.7", LastAttemptDate: tLast, WillRetryUntil: tRetry}

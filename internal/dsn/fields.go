@@ -349,6 +349,9 @@ func (p *plan) humanText() string {
 				}
 				item(label + rc.diag)
 			}
+			if rc.via != "" {
+				item("Sent through: " + rc.via)
+			}
 			if !rc.lastAttempt.IsZero() {
 				item("Last attempt: " + formatDate(rc.lastAttempt))
 			}
@@ -414,6 +417,9 @@ func (p *plan) deliveryStatus() string {
 		}
 		if !rc.lastAttempt.IsZero() {
 			b.WriteString(fold("Last-Attempt-Date", formatDate(rc.lastAttempt)))
+		}
+		if rc.via != "" {
+			b.WriteString(fold("X-Spool-Via", text(rc.via)))
 		}
 		if rc.action == ActionDelayed && !rc.retryUntil.IsZero() {
 			b.WriteString(fold("Will-Retry-Until", formatDate(rc.retryUntil)))

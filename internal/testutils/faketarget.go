@@ -85,6 +85,8 @@ type FakeTarget struct {
 	blocked     int
 	startGate   chan struct{}
 	bodyGate    chan struct{}
+	rcptGate    chan struct{}
+	gatedRcpt   string
 	records     []*AttemptRecord
 	delivered   []Delivered
 	protoErrs   []string
@@ -204,7 +206,7 @@ func (t *FakeTarget) Start(ctx context.Context, msgMeta *module.MsgMetadata, mai
 	t.changed.broadcast()
 	t.mu.Unlock()
 
-	err := t.hold(ctx, false)
+	err := t.hold(ctx, gateStart)
 	if err == nil && sc.start != nil {
 		err = sc.start(n)
 	}
@@ -224,14 +226,20 @@ func (t *FakeTarget) Start(ctx context.Context, msgMeta *module.MsgMetadata, mai
 	return d, nil
 }
 
-// hold parks the caller while the start (or body) gate is closed. It is
-// how tests keep an attempt in flight at a known point.
-func (t *FakeTarget) hold(ctx context.Context, body bool) error {
+// gatePoint names where an attempt can be held up.
+type gatePoint uint8
+
+const (
+	gateStart gatePoint = iota
+	gateBody
+	gateRcpt
+)
+
+// hold parks the caller while the gate at point is closed. It is how
+// tests keep an attempt in flight at a known point.
+func (t *FakeTarget) hold(ctx context.Context, point gatePoint) error {
 	t.mu.Lock()
-	gate := t.startGate
-	if body {
-		gate = t.bodyGate
-	}
+	gate := map[gatePoint]chan struct{}{gateStart: t.startGate, gateBody: t.bodyGate, gateRcpt: t.rcptGate}[point]
 	if gate == nil {
 		t.mu.Unlock()
 		return nil
@@ -275,10 +283,27 @@ func (t *FakeTarget) BlockBody() {
 	}
 }
 
-// Unblock releases every waiting attempt and disables both gates.
+// BlockRcpt makes AddRcpt of rcpt wait, before the Rcpt script runs,
+// until Unblock or context cancellation. A cancelled wait fails the
+// recipient with ctx.Err(), as a real target reports an attempt cut off
+// by its caller; other recipients go on.
+func (t *FakeTarget) BlockRcpt(rcpt string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.rcptGate == nil {
+		t.rcptGate = make(chan struct{})
+	}
+	t.gatedRcpt = rcpt
+}
+
+// Unblock releases every waiting attempt and disables all gates.
 func (t *FakeTarget) Unblock() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.rcptGate != nil {
+		close(t.rcptGate)
+		t.rcptGate = nil
+	}
 	if t.startGate != nil {
 		close(t.startGate)
 		t.startGate = nil
@@ -469,12 +494,16 @@ func (d *fakeDelivery) AddRcpt(ctx context.Context, rcptTo string, opts smtp.Rcp
 			return nil
 		}
 	}
+	gated := rcptTo == t.gatedRcpt
 	t.mu.Unlock()
 
 	// The script runs unlocked: it is user code and may be slow or call
 	// back into t.
 	var err error
-	if d.sc.rcpt != nil {
+	if gated {
+		err = t.hold(ctx, gateRcpt)
+	}
+	if d.sc.rcpt != nil && err == nil {
 		err = d.sc.rcpt(d.attempt, rcptTo)
 	}
 
@@ -512,7 +541,7 @@ func (d *fakeDelivery) beginBody(method string) error {
 // evaluates the whole-body script. The returned error applies to every
 // recipient.
 func (d *fakeDelivery) readBody(ctx context.Context, header textproto.Header, body buffer.Buffer) error {
-	if err := d.t.hold(ctx, true); err != nil {
+	if err := d.t.hold(ctx, gateBody); err != nil {
 		return err
 	}
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -218,7 +219,13 @@ type SMTPSink struct {
 	messages []Message
 	accepted int
 	perRcpt  map[[2]string]int // (Message-ID, lower(rcpt)) -> count
-	closed   bool
+	// domainRules and domains are the per-domain behaviour and figures
+	// (sinkdomains.go), keyed by lower-cased domain.
+	domainRules map[string]DomainBehaviour
+	domains     map[string]*DomainStats
+	closed      bool
+	// closing is closed by Close, ending the delays of DomainBehaviour.
+	closing  chan struct{}
 	draining bool
 	active   int // session callbacks running
 	inTx     int // sessions between MAIL and end of transaction
@@ -247,6 +254,10 @@ func StartSMTPSink(opts ...SinkOption) (*SMTPSink, error) {
 		script:    o.script,
 		counters:  make(map[string]int),
 		perRcpt:   make(map[[2]string]int),
+
+		domainRules: make(map[string]DomainBehaviour),
+		domains:     make(map[string]*DomainStats),
+		closing:     make(chan struct{}),
 	}
 
 	srv := smtp.NewServer(smtp.BackendFunc(s.newSession))
@@ -410,6 +421,7 @@ func (s *SMTPSink) Close() error {
 		return nil
 	}
 	s.closed = true
+	close(s.closing)
 	s.changed.broadcast()
 	s.mu.Unlock()
 
@@ -503,6 +515,7 @@ func (s *SMTPSink) accept(m *Message) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.accepted++
+	s.countAcceptedLocked(m.Rcpts)
 	if s.record {
 		s.messages = append(s.messages, m.clone())
 	}
@@ -531,6 +544,7 @@ type sinkSession struct {
 
 	mu       sync.Mutex
 	inTx     bool
+	domains  []string // recipient domains of the transaction, once each
 	from     string
 	mailOpts smtp.MailOptions
 	rcpts    []string
@@ -540,6 +554,7 @@ type sinkSession struct {
 var _ smtp.LMTPSession = (*sinkSession)(nil)
 
 func (ss *sinkSession) endTx() {
+	ss.leaveDomains()
 	ss.mu.Lock()
 	was := ss.inTx
 	ss.inTx = false
@@ -554,6 +569,18 @@ func (ss *sinkSession) endTx() {
 		ss.s.changed.broadcast()
 		ss.s.mu.Unlock()
 	}
+}
+
+// leaveDomains ends the transaction's part in the per-domain figures. It
+// runs before the reply to DATA is sent, rather than in endTx (after it),
+// so a client that starts its next transaction as soon as it has the
+// reply never sees two at once.
+func (ss *sinkSession) leaveDomains() {
+	ss.mu.Lock()
+	domains := ss.domains
+	ss.domains = nil
+	ss.mu.Unlock()
+	ss.s.domainsLeft(domains)
 }
 
 func (ss *sinkSession) Reset() { ss.endTx() }
@@ -607,10 +634,27 @@ func (ss *sinkSession) Rcpt(to string, opts *smtp.RcptOptions) error {
 	}
 	defer ss.s.leave()
 
+	// A domain's transaction starts with its first RCPT; endTx ends it.
+	// Registering under ss.mu keeps a concurrent endTx (Close calling
+	// Logout) from missing it.
+	domain := AddrDomain(to)
 	ss.mu.Lock()
 	from := ss.from
+	newTx := ss.inTx && !slices.Contains(ss.domains, domain)
+	if newTx {
+		ss.domains = append(ss.domains, domain)
+	}
+	b := ss.s.rcptArrived(domain, newTx)
 	ss.mu.Unlock()
-	if r := ss.s.reply(StageRCPT, from, to); r != nil {
+	if err := ss.s.pause(b.RcptDelay); err != nil {
+		return err
+	}
+	r := ss.s.reply(StageRCPT, from, to)
+	if b.RcptReply != nil {
+		r = replyText(b.RcptReply)
+	}
+	if r != nil {
+		ss.s.rcptRefused(domain)
 		return r
 	}
 
@@ -659,14 +703,23 @@ func (ss *sinkSession) Data(r io.Reader) error {
 	if err != nil {
 		return err
 	}
+	delay, domainReplies := ss.s.dataBehaviour(m.Rcpts)
+	if err := ss.s.pause(delay); err != nil {
+		return err
+	}
 	// Ask about every recipient so DATA attempt counters stay meaningful,
 	// then answer with the first objection.
 	var first *smtp.SMTPError
-	for _, rcpt := range m.Rcpts {
-		if rep := ss.s.reply(StageDATA, m.From, rcpt); rep != nil && first == nil {
+	for i, rcpt := range m.Rcpts {
+		rep := ss.s.reply(StageDATA, m.From, rcpt)
+		if domainReplies[i] != nil {
+			rep = replyText(domainReplies[i])
+		}
+		if rep != nil && first == nil {
 			first = rep
 		}
 	}
+	defer ss.leaveDomains()
 	if first != nil {
 		return first
 	}
@@ -686,11 +739,18 @@ func (ss *sinkSession) LMTPData(r io.Reader, status smtp.StatusCollector) error 
 	if err != nil {
 		return err
 	}
+	delay, domainReplies := ss.s.dataBehaviour(m.Rcpts)
+	if err := ss.s.pause(delay); err != nil {
+		return err
+	}
 	replies := make([]*smtp.SMTPError, len(m.Rcpts))
 	ok := *m
 	ok.Rcpts, ok.RcptOpts = nil, nil
 	for i, rcpt := range m.Rcpts {
 		replies[i] = ss.s.reply(StageDATA, m.From, rcpt)
+		if domainReplies[i] != nil {
+			replies[i] = replyText(domainReplies[i])
+		}
 		if replies[i] == nil {
 			ok.Rcpts = append(ok.Rcpts, rcpt)
 			ok.RcptOpts = append(ok.RcptOpts, m.RcptOpts[i])
@@ -700,6 +760,7 @@ func (ss *sinkSession) LMTPData(r io.Reader, status smtp.StatusCollector) error 
 	if len(ok.Rcpts) > 0 {
 		acceptErr = ss.s.accept(&ok)
 	}
+	ss.leaveDomains()
 	// One SetStatus per RCPT, duplicates included, as go-smtp requires.
 	for i, rcpt := range m.Rcpts {
 		switch {

@@ -67,21 +67,25 @@ func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.R
 	if err != nil {
 		return res, err
 	}
-	var deferred []store.ID
+	type waiting struct {
+		id    store.ID
+		token uint64
+	}
+	var deferred []waiting
 	for _, id := range ids {
-		o, detail := q.applyOne(ctx, id, op)
+		o, detail, token := q.applyOne(ctx, id, op)
 		if o == admin.Deferred {
-			deferred = append(deferred, id)
+			deferred = append(deferred, waiting{id, token})
 			continue
 		}
 		res.Add(id, o, detail, f.Explicit())
 	}
-	for _, id := range deferred {
+	for _, w := range deferred {
 		detail := "being attempted; " + string(op) + " is applied when the attempt ends"
-		if q.waitApplied(ctx, id) {
-			detail = "applied after the attempt in flight: " + q.describe(id)
+		if q.waitApplied(ctx, w.id, w.token) {
+			detail = "applied after the attempt in flight: " + q.describe(w.id)
 		}
-		res.Add(id, admin.Deferred, detail, f.Explicit())
+		res.Add(w.id, admin.Deferred, detail, f.Explicit())
 	}
 	if n := res.Changed + res.Deferred; n > 0 {
 		metrics.AdminOperations.WithLabelValues(q.label(), string(op)).Add(float64(n))
@@ -90,8 +94,9 @@ func (q *Queue) Apply(ctx context.Context, op admin.Op, f admin.Filter) (admin.R
 }
 
 // applyOne runs op on one message: under a lease of its own, or by a
-// request to the party holding it.
-func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.Outcome, string) {
+// request to the party holding it (Deferred, with the token of the lease
+// the request waits for).
+func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.Outcome, string, uint64) {
 	// The holder may end its lease between ClaimID and Request; each
 	// round sees one of them succeed unless the message keeps changing
 	// hands.
@@ -99,36 +104,44 @@ func (q *Queue) applyOne(ctx context.Context, id store.ID, op admin.Op) (admin.O
 		c, err := q.store.ClaimID(ctx, id)
 		switch {
 		case err == nil:
-			return q.applyClaimed(ctx, c.Lease, c.Message, op)
+			o, detail := q.applyClaimed(ctx, c.Lease, c.Message, op)
+			return o, detail, 0
 		case errors.Is(err, store.ErrNotFound):
-			return admin.NotFound, "not queued"
+			return admin.NotFound, "not queued", 0
 		case !errors.Is(err, store.ErrLeased):
-			return admin.Failed, err.Error()
+			return admin.Failed, err.Error(), 0
 		}
 		req := requestFor(op)
 		if req == 0 {
-			return admin.Unchanged, "being attempted now"
+			return admin.Unchanged, "being attempted now", 0
 		}
 		switch err := q.store.Request(ctx, id, req); {
 		case err == nil:
-			return admin.Deferred, ""
+			var token uint64
+			if m, err := q.store.Get(ctx, id); err == nil && m.Lease != nil {
+				token = m.Lease.Token
+			}
+			return admin.Deferred, "", token
 		case errors.Is(err, store.ErrNotFound):
-			return admin.NotFound, "not queued"
+			return admin.NotFound, "not queued", 0
 		case !errors.Is(err, store.ErrNotLeased):
-			return admin.Failed, err.Error()
+			return admin.Failed, err.Error(), 0
 		}
 	}
-	return admin.Failed, "the message kept changing hands; try again"
+	return admin.Failed, "the message kept changing hands; try again", 0
 }
 
-// waitApplied waits until the request recorded for id was applied (or the
-// message is gone); false if ctx ended first.
-func (q *Queue) waitApplied(ctx context.Context, id store.ID) bool {
+// waitApplied waits until the holder of the lease with token, which a
+// request was recorded for, has ended it: the request is then applied (or
+// the message is gone). A holder keeps its lease while it applies the
+// request it took (see store.Backend.Save), so the request's field being
+// cleared is not enough. False if ctx ended first.
+func (q *Queue) waitApplied(ctx context.Context, id store.ID, token uint64) bool {
 	t := time.NewTicker(requestPoll)
 	defer t.Stop()
 	for {
 		m, err := q.store.Get(ctx, id)
-		if err != nil || m.Lease == nil || m.Lease.Request == 0 {
+		if err != nil || m.Lease == nil || m.Lease.Token != token {
 			return true
 		}
 		select {
@@ -180,6 +193,7 @@ func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Messa
 			break
 		}
 		m.Held, m.NextAttempt, detail = false, now, "released, due now"
+		q.liftSuspension(m.Destination)
 	case admin.OpRetry:
 		switch {
 		case m.Held:
@@ -188,6 +202,7 @@ func (q *Queue) applyClaimed(ctx context.Context, l *store.Lease, m *store.Messa
 			o, detail = admin.Unchanged, "no recipient pending"
 		default:
 			m.NextAttempt, detail = now, "due now"
+			q.liftSuspension(m.Destination)
 		}
 	case admin.OpDelete:
 		if err := q.store.Delete(ctx, l); err != nil {
@@ -242,6 +257,31 @@ func (q *Queue) Content(m *store.Message) (store.Content, error) {
 
 // Now implements admin.Queue.
 func (q *Queue) Now() time.Time { return q.clock.Now() }
+
+// Suspended implements admin.Queue.
+func (q *Queue) Suspended() []admin.Suspended {
+	var out []admin.Suspended
+	for _, s := range q.dests.Suspended() {
+		a := admin.Suspended{Destination: destinationName(s.Destination), Since: s.Since, NextProbe: s.NextProbe}
+		if s.Reason != nil {
+			a.Reason = s.Reason.String()
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+// liftSuspension ends the suspension of the destination of a message an
+// operator retries or releases: the operator asks for the message to go
+// now, so it goes out at once instead of waiting for the next probe.
+// If it is delivered, the destination's other waiting messages follow
+// (see destinationBack); if it fails, the destination is suspended again
+// after dead_destination_after failures.
+func (q *Queue) liftSuspension(dest string) {
+	if q.dests.Lift(dest) {
+		q.Log.Msg("operator lifted the suspension of a destination", "destination", destinationName(dest))
+	}
+}
 
 // logAdmin writes one log line per operator change: who, what, which.
 func (q *Queue) logAdmin(instance string, op admin.Op, peer admin.Peer, f admin.Filter, res admin.Result) {

@@ -19,6 +19,17 @@ import (
 // settings are the parsed directives other than the nested modules.
 type settings struct {
 	maxParallelism int
+	// perDestination is max_parallelism_per_destination.
+	perDestination int
+	// destinations says how recipients map to destinations.
+	destinations destinationMode
+	// deadAfter, backoffMin and backoffMax are dead_destination_after
+	// and dead_destination_backoff.
+	deadAfter              int
+	backoffMin, backoffMax time.Duration
+	// fallbackAfter is fallback_after: tries (fallbackTries) or age.
+	fallbackTries  int
+	fallbackAge    time.Duration
 	policy         schedule.Policy
 	hostname       string
 	autogenDomain  string
@@ -92,7 +103,49 @@ func (q *Queue) configure(cfg *config.Map) error {
 	cfg.Bool("debug", true, false, &q.Log.Debug)
 	cfg.Custom("target", false, true, nil, modconfig.DeliveryDirective, &q.target)
 	cfg.String("location", false, false, q.location, &q.location)
-	intDirective(cfg, "max_parallelism", 16, &s.maxParallelism)
+	intDirective(cfg, "max_parallelism", defaultMaxParallelism, &s.maxParallelism)
+	intDirective(cfg, "max_parallelism_per_destination", defaultPerDestination, &s.perDestination)
+	var destinationInput string
+	cfg.Custom("destination", false, false, func() (interface{}, error) { return "auto", nil },
+		func(_ *config.Map, n config.Node) (interface{}, error) {
+			if len(n.Args) != 1 || (n.Args[0] != "auto" && n.Args[0] != "domain" && n.Args[0] != "single") {
+				return nil, config.NodeErr(n, "destination: want auto, domain or single, got %q", strings.Join(n.Args, " "))
+			}
+			return n.Args[0], nil
+		}, &destinationInput)
+	cfg.Custom("dead_destination_after", false, false, func() (interface{}, error) { return defaultDeadAfter, nil },
+		func(_ *config.Map, n config.Node) (interface{}, error) {
+			v, err := strconv.Atoi(strings.Join(n.Args, " "))
+			if err != nil || v < 0 || len(n.Args) != 1 {
+				return nil, config.NodeErr(n, "dead_destination_after: %q is not a number of attempts (0 disables)", strings.Join(n.Args, " "))
+			}
+			return v, nil
+		}, &s.deadAfter)
+	var backoff []time.Duration
+	cfg.Custom("dead_destination_backoff", false, false, func() (interface{}, error) {
+		return []time.Duration{defaultBackoffMin, defaultBackoffMax}, nil
+	}, func(_ *config.Map, n config.Node) (interface{}, error) {
+		if len(n.Args) != 2 {
+			return nil, config.NodeErr(n, "dead_destination_backoff: want the first and the longest suspension, e.g. 10s 30s")
+		}
+		var out []time.Duration
+		for _, a := range n.Args {
+			d, err := parseDuration(a)
+			if err != nil || d <= 0 {
+				return nil, config.NodeErr(n, "dead_destination_backoff: %q is not a positive duration", a)
+			}
+			out = append(out, d)
+		}
+		if out[1] < out[0] {
+			return nil, config.NodeErr(n, "dead_destination_backoff: the longest suspension %v is shorter than the first %v", out[1], out[0])
+		}
+		return out, nil
+	}, &backoff)
+	cfg.Custom("fallback_target", false, false, nil, modconfig.DeliveryDirective, &q.fallback)
+	var fallbackAfter *config.Node
+	cfg.Custom("fallback_after", false, false, nil, func(_ *config.Map, n config.Node) (interface{}, error) {
+		return &n, nil
+	}, &fallbackAfter)
 	intDirective(cfg, "max_tries", schedule.DefaultMaxTries, &s.policy.MaxTries)
 	durationDirective(cfg, "max_age", schedule.DefaultMaxAge, false, &s.policy.MaxAge)
 	cfg.Custom("retry_schedule", false, false, func() (interface{}, error) { return []time.Duration(nil), nil },
@@ -206,6 +259,11 @@ func (q *Queue) configure(cfg *config.Map) error {
 	s.successAction = successActionInput
 	if s.successAction == "auto" {
 		s.successAction = successActionFor(q.target)
+	}
+	s.destinations = destinationModeFor(destinationInput, q.target)
+	s.backoffMin, s.backoffMax = backoff[0], backoff[1]
+	if err := s.readFallbackAfter(q.fallback != nil, fallbackAfter); err != nil {
+		return err
 	}
 
 	if bounceNode != nil {
@@ -323,6 +381,81 @@ func newBouncePipeline(globals map[string]interface{}, node config.Node, instNam
 		return nil, config.NodeErr(node, "%s: bounce: msgpipeline is not a delivery target", ModName)
 	}
 	return target, nil
+}
+
+// Defaults of the per-destination directives. 100 attempts at once and 20
+// per destination are Postfix's default_process_limit and
+// default_destination_concurrency_limit: a destination that turns slow or
+// dead can hold at most a fifth of the attempts, so the other four fifths
+// keep flowing, while one destination still gets as many parallel
+// connections as large providers accept from one sender. The dead
+// destination rules suspend a destination after 5 failed attempts in a
+// row (so a burst of new mail for a dead host costs about the
+// per-destination limit in attempts, not one per message), and probe it
+// after 10s, then 20s, and at most every 30s: a destination that comes
+// back is found within 30s, so its whole backlog goes out within the
+// minute after (see docs/performance.md), while a dead one costs two
+// probes a minute.
+const (
+	defaultMaxParallelism = 100
+	defaultPerDestination = 20
+	defaultDeadAfter      = 5
+	defaultBackoffMin     = 10 * time.Second
+	defaultBackoffMax     = 30 * time.Second
+	defaultFallbackTries  = 3
+)
+
+// destinationMode is how a queue maps recipients to destinations.
+type destinationMode uint8
+
+const (
+	// destinationDomain: each recipient domain is a destination; a
+	// message with recipients in several domains is stored once per
+	// domain (as target.remote sends one transaction per domain anyway).
+	destinationDomain destinationMode = iota
+	// destinationSingle: the nested target is one destination (a relay,
+	// an LMTP server); messages are stored whole.
+	destinationSingle
+)
+
+// destinationModeFor resolves the destination directive. auto picks
+// domain for target.remote, which connects to each recipient domain's own
+// servers, and single for anything else, which sends all recipients of a
+// message in one transaction that splitting would break up.
+func destinationModeFor(input string, t module.DeliveryTarget) destinationMode {
+	switch input {
+	case "domain":
+		return destinationDomain
+	case "single":
+		return destinationSingle
+	}
+	if m, ok := t.(module.Module); ok && m.Name() == "target.remote" {
+		return destinationDomain
+	}
+	return destinationSingle
+}
+
+// readFallbackAfter reads fallback_after: a number of tries, or an age.
+func (s *settings) readFallbackAfter(haveFallback bool, n *config.Node) error {
+	if n == nil {
+		if haveFallback {
+			s.fallbackTries = defaultFallbackTries
+		}
+		return nil
+	}
+	if !haveFallback {
+		return config.NodeErr(*n, "fallback_after needs fallback_target")
+	}
+	arg := strings.Join(n.Args, " ")
+	if v, err := strconv.Atoi(arg); err == nil && v >= 1 && len(n.Args) == 1 {
+		s.fallbackTries = v
+		return nil
+	}
+	if d, err := parseDuration(arg); err == nil && d > 0 && len(n.Args) == 1 {
+		s.fallbackAge = d
+		return nil
+	}
+	return config.NodeErr(*n, "fallback_after: %q is neither a number of tries (e.g. 3) nor an age (e.g. 30m)", arg)
 }
 
 // successActionFor decides the DSN action for NOTIFY=SUCCESS recipients:

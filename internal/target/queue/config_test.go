@@ -98,7 +98,8 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := q.cfg
-	if c.maxParallelism != 16 || c.policy.MaxTries != 20 || c.policy.MaxAge != 48*time.Hour ||
+	if c.maxParallelism != 100 || c.perDestination != 20 || c.destinations != destinationSingle || c.deadAfter != 5 ||
+		c.backoffMin != 10*time.Second || c.backoffMax != 30*time.Second || c.fallbackTries != 0 || c.policy.MaxTries != 20 || c.policy.MaxAge != 48*time.Hour ||
 		c.delayWarning != 4*time.Hour || c.hostname != "mx.example.org" || c.successAction != "relayed" ||
 		c.minFreeSpace != defaultMinFreeSpace || c.returnSizeLimit != 10<<20 || c.delayRepeat != 0 {
 		t.Fatalf("settings %+v", c)
@@ -158,6 +159,57 @@ func TestConfigStore(t *testing.T) {
 				}
 				if q.cfg.store != tc.want {
 					t.Fatalf("store settings %+v, want %+v", q.cfg.store, tc.want)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tc.err {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestConfigDestinations(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		check      func(q *Queue) bool
+		err        []string
+	}{
+		{"auto is single for a relay", "target dummy", func(q *Queue) bool { return q.cfg.destinations == destinationSingle }, nil},
+		{"domain", "target dummy\ndestination domain", func(q *Queue) bool { return q.cfg.destinations == destinationDomain }, nil},
+		{"limits", "target dummy\nmax_parallelism 50\nmax_parallelism_per_destination 5\ndead_destination_after 0\ndead_destination_backoff 30s 10m",
+			func(q *Queue) bool {
+				c := q.cfg
+				return c.maxParallelism == 50 && c.perDestination == 5 && c.deadAfter == 0 && c.backoffMin == 30*time.Second && c.backoffMax == 10*time.Minute
+			}, nil},
+		{"fallback after tries", "target dummy\nfallback_target dummy\nfallback_after 4", func(q *Queue) bool {
+			return q.fallback != nil && q.cfg.fallbackTries == 4 && q.cfg.fallbackAge == 0
+		}, nil},
+		{"fallback after an age", "target dummy\nfallback_target dummy\nfallback_after 1h30m", func(q *Queue) bool {
+			return q.cfg.fallbackTries == 0 && q.cfg.fallbackAge == 90*time.Minute
+		}, nil},
+		{"fallback default", "target dummy\nfallback_target dummy", func(q *Queue) bool { return q.cfg.fallbackTries == 3 }, nil},
+		{"bad destination", "target dummy\ndestination mx", nil, []string{"spool.conf:3", "destination", "mx"}},
+		{"zero per destination", "target dummy\nmax_parallelism_per_destination 0", nil, []string{"spool.conf:3", "max_parallelism_per_destination"}},
+		{"bad dead_destination_after", "target dummy\ndead_destination_after -1", nil, []string{"spool.conf:3", "dead_destination_after"}},
+		{"backoff of one value", "target dummy\ndead_destination_backoff 10s", nil, []string{"spool.conf:3", "dead_destination_backoff"}},
+		{"backoff shrinking", "target dummy\ndead_destination_backoff 1m 10s", nil, []string{"spool.conf:3", "shorter"}},
+		{"fallback_after alone", "target dummy\nfallback_after 3", nil, []string{"spool.conf:3", "fallback_target"}},
+		{"bad fallback_after", "target dummy\nfallback_target dummy\nfallback_after soon", nil, []string{"spool.conf:4", "fallback_after", "soon"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q, err := configureFromText(t, tc.body)
+			if tc.err == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !tc.check(q) {
+					t.Fatalf("settings %+v", q.cfg)
 				}
 				return
 			}

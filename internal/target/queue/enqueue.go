@@ -12,6 +12,7 @@ import (
 	"github.com/foxcpp/maddy/framework/exterrors"
 	"github.com/foxcpp/maddy/framework/module"
 
+	"github.com/maddy-spool/spool/internal/target/queue/admin"
 	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
@@ -28,8 +29,15 @@ type delivery struct {
 	from  string
 	rcpts []store.Rcpt
 	seen  map[string]bool
-	msg   *store.Message // set once stored
-	lease *store.Lease   // the receiving lease of msg
+	// parts are the stored entries of the message, one per destination,
+	// each with its receiving lease; set by Body.
+	parts []part
+}
+
+// part is one stored entry of a message being accepted.
+type part struct {
+	msg   *store.Message
+	lease *store.Lease
 }
 
 var _ module.PartialDelivery = (*delivery)(nil)
@@ -54,9 +62,13 @@ func (d *delivery) AddRcpt(ctx context.Context, rcpt string, opts smtp.RcptOptio
 }
 
 // Body stores the message durably; when it returns nil the message
-// survives a crash (see the store package).
+// survives a crash (see the store package). A queue whose destinations are
+// recipient domains stores one entry per domain, each with its own
+// recipients, retries and lease, so a slow or dead domain holds up none of
+// the others; the nested target (target.remote) would send one
+// transaction per domain anyway.
 func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffer.Buffer) error {
-	if d.msg != nil {
+	if d.parts != nil {
 		return fmt.Errorf("%s: Body called twice", ModName)
 	}
 	if len(d.rcpts) == 0 {
@@ -64,22 +76,6 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 			Message: "No recipients", TargetName: ModName}
 	}
 	q := d.q
-	now := q.clock.Now()
-	m := &store.Message{
-		MsgID:        d.meta.ID,
-		From:         d.from,
-		OriginalFrom: d.meta.OriginalFrom,
-		MailOpts:     mailOptions(d.meta.SMTPOpts),
-		Conn:         connInfo(d.meta.Conn),
-		Quarantine:   d.meta.Quarantine,
-
-		DontTraceSender:    d.meta.DontTraceSender,
-		TLSRequireOverride: d.meta.TLSRequireOverride,
-		Arrival:            now,
-		NextAttempt:        now,
-		Rcpts:              d.rcpts,
-	}
-
 	if err := q.store.Failed(); err != nil {
 		return d.storeErr(err)
 	}
@@ -87,23 +83,94 @@ func (d *delivery) Body(ctx context.Context, header textproto.Header, body buffe
 	if err := textproto.WriteHeader(&hdr, header); err != nil {
 		return d.storeErr(err)
 	}
-	if err := q.checkFreeSpace(int64(hdr.Len()) + int64(body.Len())); err != nil {
+	groups := q.byDestination(d.rcpts)
+	if err := q.checkFreeSpace(int64(len(groups)) * (int64(hdr.Len()) + int64(body.Len()))); err != nil {
 		metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonMinFreeSpace).Inc()
 		q.Log.Msg("refusing message: disk space below min_free_space", "msg_id", d.meta.ID, "reason", err.Error())
 		return err
 	}
+	now := q.clock.Now()
+	for _, g := range groups {
+		m := &store.Message{
+			MsgID:        d.meta.ID,
+			HeaderMsgID:  header.Get("Message-Id"),
+			From:         d.from,
+			OriginalFrom: d.meta.OriginalFrom,
+			MailOpts:     mailOptions(d.meta.SMTPOpts),
+			Conn:         connInfo(d.meta.Conn),
+			Quarantine:   d.meta.Quarantine,
+
+			DontTraceSender:    d.meta.DontTraceSender,
+			TLSRequireOverride: d.meta.TLSRequireOverride,
+			Arrival:            now,
+			NextAttempt:        now,
+			Rcpts:              g.rcpts,
+			Destination:        g.dest,
+		}
+		l, err := d.store(ctx, m, hdr.Bytes(), body)
+		if err != nil {
+			for _, p := range d.parts {
+				if q.receiving.take(p.lease.ID) {
+					q.removeUncommitted(ctx, p.lease)
+				}
+			}
+			d.parts = nil
+			return d.storeErr(err)
+		}
+		d.parts = append(d.parts, part{m, l})
+		q.receiving.add(l, now)
+	}
+	return nil
+}
+
+// store stores one entry of the message.
+func (d *delivery) store(ctx context.Context, m *store.Message, header []byte, body buffer.Buffer) (*store.Lease, error) {
 	r, err := body.Open()
 	if err != nil {
-		return d.storeErr(err)
+		return nil, err
 	}
 	defer r.Close()
-	l, err := q.store.Create(ctx, m, hdr.Bytes(), r, int64(body.Len()))
-	if err != nil {
-		return d.storeErr(err)
+	return d.q.store.Create(ctx, m, header, r, int64(body.Len()))
+}
+
+// wholeTarget is how operators see the one destination of a queue with
+// destination single, stored as "": in stats, metrics and logs. No
+// domain is named "*".
+const wholeTarget = "*"
+
+// destinationName is the name operators see for dest.
+func destinationName(dest string) string {
+	if dest == "" {
+		return wholeTarget
 	}
-	d.msg, d.lease = m, l
-	q.receiving.add(l, now)
-	return nil
+	return dest
+}
+
+// destinationGroup is the recipients of one destination.
+type destinationGroup struct {
+	dest  string
+	rcpts []store.Rcpt
+}
+
+// byDestination groups rcpts by destination, in the order each first
+// appears.
+func (q *Queue) byDestination(rcpts []store.Rcpt) []destinationGroup {
+	if q.cfg.destinations == destinationSingle {
+		return []destinationGroup{{"", rcpts}}
+	}
+	var groups []destinationGroup
+	at := map[string]int{}
+	for _, r := range rcpts {
+		dest := admin.Domain(r.Addr)
+		i, ok := at[dest]
+		if !ok {
+			i = len(groups)
+			at[dest] = i
+			groups = append(groups, destinationGroup{dest: dest})
+		}
+		groups[i].rcpts = append(groups[i].rcpts, r)
+	}
+	return groups
 }
 
 // storeErr turns a storage failure into a temporary SMTP error, so the
@@ -141,16 +208,31 @@ func (d *delivery) BodyNonAtomic(ctx context.Context, c module.StatusCollector, 
 // Commit queues the stored message for its first attempt. It fails, so
 // the client is not told the message was accepted, if the message was
 // removed meanwhile because the transaction took too long (see
-// receiving.go), or the store cannot record the commit.
+// receiving.go), or the store cannot record the commit. (A message stored
+// as several entries whose commit fails after some of them committed is
+// delivered to those entries' recipients, and may come again from its
+// client: at least once.)
 func (d *delivery) Commit(ctx context.Context) error {
-	if d.msg == nil {
+	if d.parts == nil {
 		return nil
 	}
 	q := d.q
-	m, l := d.msg, d.lease
-	d.msg, d.lease = nil, nil
-	if !q.receiving.take(m.ID) {
-		q.Log.Msg("commit after the queue entry was removed as never committed; refusing", "queue_id", m.ID.String(), "msg_id", m.MsgID)
+	parts := d.parts
+	d.parts = nil
+	missing := false
+	var taken []part
+	for _, p := range parts {
+		if q.receiving.take(p.lease.ID) {
+			taken = append(taken, p)
+		} else {
+			missing = true
+		}
+	}
+	if missing {
+		for _, p := range taken {
+			q.removeUncommitted(ctx, p.lease)
+		}
+		q.Log.Msg("commit after the queue entry was removed as never committed; refusing", "msg_id", d.meta.ID)
 		return &exterrors.SMTPError{
 			Code:         451,
 			EnhancedCode: exterrors.EnhancedCode{4, 3, 0},
@@ -158,34 +240,45 @@ func (d *delivery) Commit(ctx context.Context) error {
 			TargetName:   ModName,
 		}
 	}
-	req, err := q.store.Commit(ctx, l)
-	if err != nil {
-		// The message stays stored under its receiving lease; when that
-		// expires it is delivered (at least once). Telling the client it
-		// failed may make it send the message again, but never loses it.
-		return d.storeErr(fmt.Errorf("commit: %w", err))
+	for i, p := range parts {
+		req, err := q.store.Commit(ctx, p.lease)
+		if err != nil {
+			// The client is told the message failed and sends it again,
+			// so this entry and those not committed yet are removed: this
+			// one handed back to the expiry of uncommitted messages, which
+			// retries the (fenced) removal until it succeeds. If its
+			// commit did go through and only the reply was lost, the
+			// removal changes nothing and it is delivered; entries
+			// committed before it are delivered too: at least once.
+			q.receiving.removeLater(p.lease)
+			for _, rest := range parts[i+1:] {
+				q.removeUncommitted(ctx, rest.lease)
+			}
+			return d.storeErr(fmt.Errorf("commit: %w", err))
+		}
+		q.Log.Debugf("queued %v (msg_id %s) for %d recipients of %q", p.msg.ID, p.msg.MsgID, len(p.msg.Rcpts), p.msg.Destination)
+		if req != 0 {
+			// An operator acted on the entry while it was being received.
+			q.applyRequest(context.Background(), p.lease, p.msg, req)
+		}
 	}
 	metrics.Enqueued.WithLabelValues(q.label()).Inc()
-	q.Log.Debugf("queued %v (msg_id %s) for %d recipients", m.ID, m.MsgID, len(m.Rcpts))
-	if req != 0 {
-		// An operator acted on the message while it was being received.
-		q.applyRequest(context.Background(), l, m, req)
-	}
 	return nil
 }
 
 // Abort removes a message stored by Body but not committed (another target
 // of the pipeline failed): the client was told the message was refused.
 func (d *delivery) Abort(ctx context.Context) error {
-	if d.msg == nil {
-		return nil
+	var first error
+	for _, p := range d.parts {
+		if d.q.receiving.take(p.lease.ID) {
+			if err := d.q.removeUncommitted(ctx, p.lease); err != nil && first == nil {
+				first = err
+			}
+		}
 	}
-	l := d.lease
-	d.msg, d.lease = nil, nil
-	if !d.q.receiving.take(l.ID) {
-		return nil // removed already
-	}
-	return d.q.removeUncommitted(ctx, l)
+	d.parts = nil
+	return first
 }
 
 func mailOptions(o smtp.MailOptions) store.MailOptions {

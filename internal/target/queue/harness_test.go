@@ -3,6 +3,7 @@ package queue
 import (
 	"bytes"
 	"context"
+	"os"
 	"testing"
 	"time"
 
@@ -17,9 +18,16 @@ import (
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 	"github.com/maddy-spool/spool/internal/testutils"
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
 
 var t0 = time.Date(2026, 11, 28, 12, 0, 0, 0, time.UTC)
+
+// onPostgres makes new harnesses run on a PostgreSQL store (see
+// TestOnPostgres) instead of the embedded one.
+var onPostgres bool
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 
 // harness runs a Queue on a temporary directory with fake targets and a
 // fake clock. Attempts are awaited through the onAttemptDone seam.
@@ -29,15 +37,20 @@ type harness struct {
 	clock  *schedule.FakeClock
 	target *testutils.FakeTarget
 	bounce *testutils.FakeTarget
-	cfg    settings
-	q      *Queue
+	// fallback, if set, is the queue's fallback target.
+	fallback *testutils.FakeTarget
+	cfg      settings
+	q        *Queue
 
 	// wrapStore, if set, wraps the store the next open runs on;
 	// noWaitLoad makes open return before the stored schedule is loaded.
 	wrapStore  func(store.Backend) store.Backend
 	noWaitLoad bool
-	// storeOpts, if set, adjusts the options the store is opened with.
+	// storeOpts, if set, adjusts the options the embedded store is
+	// opened with (a test setting it runs on the embedded store only).
 	storeOpts func(*embedded.Options)
+	// pgDSN is the database of the harness's PostgreSQL store.
+	pgDSN string
 
 	done chan store.ID
 }
@@ -56,6 +69,12 @@ func testSettings() settings {
 		shutdownTimeout: 5 * time.Second,
 		successAction:   "relayed",
 		store:           storeSettings{node: "test-node", lease: defaultLease},
+		// One destination, with room for every attempt: the tests of
+		// destinations set their own.
+		destinations:   destinationSingle,
+		perDestination: 4,
+		backoffMin:     defaultBackoffMin,
+		backoffMax:     defaultBackoffMax,
 	}
 }
 
@@ -91,19 +110,39 @@ func (h *harness) open() {
 	if h.bounce != nil {
 		q.bounce = h.bounce
 	}
+	if h.fallback != nil {
+		q.fallback = h.fallback
+	}
 	q.onAttemptDone = func(id store.ID) { h.done <- id }
 	// Entries are checked often in real time; whether they expired is
 	// decided on the fake clock.
 	q.receivingCheckEvery = time.Millisecond
-	opts := q.embeddedOptions()
-	if h.storeOpts != nil {
-		h.storeOpts(&opts)
+	var s store.Backend
+	if onPostgres {
+		if h.storeOpts != nil {
+			h.t.Skip("needs the embedded store")
+		}
+		if h.pgDSN == "" {
+			h.pgDSN = pgtest.Database(h.t)
+		}
+		q.cfg.store.kind, q.cfg.store.dsn = storePostgres, h.pgDSN
+		st, err := openPostgres(q)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		s = st
+	} else {
+		opts := q.embeddedOptions()
+		if h.storeOpts != nil {
+			h.storeOpts(&opts)
+		}
+		st, err := embedded.Open(h.dir, opts)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		s = st
 	}
-	st, err := embedded.Open(h.dir, opts)
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	var s store.Backend = st
+	st := s
 	if h.wrapStore != nil {
 		s = h.wrapStore(st)
 	}
@@ -216,20 +255,27 @@ func (h *harness) queued() []*store.Message {
 
 func (h *harness) assertGauges(messages, recipients int64) {
 	h.t.Helper()
-	g := h.q.Gauges().Queue
-	if g == nil || g.Messages != messages || g.Recipients != recipients {
+	g := h.figures()
+	if g.Messages != messages || g.Recipients != recipients {
 		h.t.Fatalf("gauges: %+v; want %d messages, %d recipients", g, messages, recipients)
 	}
 }
 
-// figures returns the queue figures the gauges show.
+// figures returns the queue figures the gauges show. A node of a shared
+// store reports them once it holds the reporter role, which a restarted
+// node takes over from its previous run within a poll interval.
 func (h *harness) figures() metrics.QueueFigures {
 	h.t.Helper()
-	g := h.q.Gauges().Queue
-	if g == nil {
-		h.t.Fatal("the queue reports no figures")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if g := h.q.Gauges().Queue; g != nil {
+			return *g
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatal("the queue reports no figures")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	return *g
 }
 
 // get reads one message from the store.

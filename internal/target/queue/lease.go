@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/maddy-spool/spool/internal/target/queue/metrics"
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
@@ -97,6 +98,7 @@ func (q *Queue) renewLeases() {
 		lost, err := q.store.Renew(ctx, leases)
 		cancel()
 		if err != nil {
+			metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreRenew).Inc()
 			q.Log.Error("cannot renew the leases of attempts in flight, will retry", err, "leases", len(leases))
 			continue
 		}

@@ -68,6 +68,8 @@ type Queue struct {
 	target module.DeliveryTarget
 	// bounce delivers DSNs; nil when no bounce {} block is configured.
 	bounce module.DeliveryTarget
+	// fallback takes recipients past fallback_after; nil if not set.
+	fallback module.DeliveryTarget
 
 	store store.Backend
 	clock schedule.Clock
@@ -75,6 +77,9 @@ type Queue struct {
 
 	// flights holds the leases of the attempts in flight on this node.
 	flights flightSet
+	// dests keeps this node's attempts in flight and suspensions per
+	// destination.
+	dests *schedule.Destinations
 	// receiving holds the messages stored and not yet committed or
 	// aborted (see receiving.go).
 	receiving receivingSet
@@ -207,18 +212,26 @@ func (q *Queue) start(st store.Backend) error {
 		defer close(q.renewDone)
 		q.renewLeases()
 	}()
+	q.dests = schedule.NewDestinations(schedule.DestinationRules{
+		Limit:      min(q.cfg.perDestination, q.cfg.maxParallelism),
+		DeadAfter:  q.cfg.deadAfter,
+		BackoffMin: q.cfg.backoffMin,
+		BackoffMax: q.cfg.backoffMax,
+	}, q.clock.Now)
 	go func() {
 		defer close(q.runDone)
 		d := &schedule.Dispatcher{
-			Clock:    q.clock,
-			Source:   st,
-			Parallel: q.cfg.maxParallelism,
+			Clock:        q.clock,
+			Source:       st,
+			Parallel:     q.cfg.maxParallelism,
+			Destinations: q.dests,
 			OnError: func(err error) {
+				metrics.StoreErrors.WithLabelValues(q.label(), metrics.StoreClaim).Inc()
 				q.Log.Error("cannot claim due messages from the store, will retry", err)
 			},
 		}
-		d.Run(q.stopping, func(c store.Claim, delivered func()) {
-			q.attempt(c, delivered)
+		d.Run(q.stopping, func(c store.Claim, dec schedule.Decision, delivered func()) {
+			q.attempt(c, dec, delivered)
 			if q.onAttemptDone != nil {
 				q.onAttemptDone(c.Message.ID)
 			}
@@ -257,8 +270,8 @@ func (q *Queue) Close() error {
 		<-q.renewDone
 		// Sessions still between Body and Commit cannot be told their
 		// message was accepted: a Commit after this fails (receiving.go).
-		for _, r := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
-			q.removeUncommitted(context.Background(), r)
+		for _, e := range q.receiving.takeStoredBefore(time.Unix(1<<62, 0)) {
+			q.removeUncommitted(context.Background(), e.lease)
 		}
 		q.unregister()
 		err = q.store.Close()
@@ -272,10 +285,17 @@ const statsTimeout = 5 * time.Second
 // Gauges implements metrics.Source.
 func (q *Queue) Gauges() metrics.Gauges {
 	g := metrics.Gauges{
-		Now:         q.clock.Now(),
-		MinFree:     q.cfg.minFreeSpace,
-		StoreFailed: q.store.Failed() != nil,
-		InFlight:    int64(q.flights.len()),
+		Now:                 q.clock.Now(),
+		MinFree:             q.cfg.minFreeSpace,
+		StoreFailed:         q.store.Failed() != nil,
+		InFlight:            int64(q.flights.len()),
+		DestinationInFlight: map[string]int{},
+	}
+	for dest, n := range q.dests.InFlight() {
+		g.DestinationInFlight[destinationName(dest)] = n
+	}
+	for _, s := range q.dests.Suspended() {
+		g.Suspended = append(g.Suspended, destinationName(s.Destination))
 	}
 	if q.cfg.store.kind == storeEmbedded {
 		if free, err := q.freeSpace(); err == nil {

@@ -419,10 +419,12 @@ func TestShutdownTimeoutCancelsAndKeepsMessage(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.target.Unblock()
+	h.target.Block() // the message is due at once after the restart
 	h.open()
 	if q := h.queued(); len(q) != 1 || q[0].Rcpts[0].State != store.RcptPending {
 		t.Fatalf("message after cancelled attempt: %+v", q)
 	}
+	h.target.Unblock()
 }
 
 func TestStoreFailureIsTemporary451(t *testing.T) {

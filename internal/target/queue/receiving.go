@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -44,15 +45,27 @@ type receivingSet struct {
 type receivingEntry struct {
 	lease *store.Lease
 	at    time.Time
+	// remove is set for a message to remove at the next check (its
+	// commit or removal failed), rather than one still being received.
+	remove bool
 }
 
 func (s *receivingSet) add(l *store.Lease, at time.Time) {
+	s.put(receivingEntry{lease: l, at: at})
+}
+
+// removeLater hands l to the next check, to be removed.
+func (s *receivingSet) removeLater(l *store.Lease) {
+	s.put(receivingEntry{lease: l, remove: true})
+}
+
+func (s *receivingSet) put(e receivingEntry) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.entries == nil {
 		s.entries = make(map[store.ID]receivingEntry)
 	}
-	s.entries[l.ID] = receivingEntry{lease: l, at: at}
+	s.entries[e.lease.ID] = e
 }
 
 // take removes id and reports whether it was there.
@@ -64,15 +77,15 @@ func (s *receivingSet) take(id store.ID) bool {
 	return ok
 }
 
-// takeStoredBefore removes and returns the leases of the entries stored
-// before t.
-func (s *receivingSet) takeStoredBefore(t time.Time) []*store.Lease {
+// takeStoredBefore removes and returns the entries stored before t, and
+// those to remove.
+func (s *receivingSet) takeStoredBefore(t time.Time) []receivingEntry {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var out []*store.Lease
+	var out []receivingEntry
 	for id, e := range s.entries {
-		if e.at.Before(t) {
-			out = append(out, e.lease)
+		if e.remove || e.at.Before(t) {
+			out = append(out, e)
 			delete(s.entries, id)
 		}
 	}
@@ -91,19 +104,29 @@ func (q *Queue) expireReceiving(checkEvery time.Duration) {
 			return
 		}
 		cutoff := q.clock.Now().Add(-receiveTimeout)
-		for _, l := range q.receiving.takeStoredBefore(cutoff) {
-			q.Log.Msg("removing a stored message that was neither committed nor aborted in time; its client was not told it was accepted",
-				"queue_id", l.ID.String(), "timeout", receiveTimeout.String())
-			metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonNotCommitted).Inc()
-			q.removeUncommitted(context.Background(), l)
+		for _, e := range q.receiving.takeStoredBefore(cutoff) {
+			if !e.remove {
+				q.Log.Msg("removing a stored message that was neither committed nor aborted in time; its client was not told it was accepted",
+					"queue_id", e.lease.ID.String(), "timeout", receiveTimeout.String())
+				metrics.EnqueueFailures.WithLabelValues(q.label(), metrics.ReasonNotCommitted).Inc()
+			}
+			q.removeUncommitted(context.Background(), e.lease)
 		}
 	}
 }
 
-// removeUncommitted deletes a message taken out of q.receiving.
+// removeUncommitted deletes a message taken out of q.receiving. If the
+// store cannot be written, the message goes back into q.receiving, so the
+// next check tries again (until the queue stops).
 func (q *Queue) removeUncommitted(ctx context.Context, l *store.Lease) error {
 	err := q.store.Delete(ctx, l)
-	if err != nil {
+	switch {
+	case err == nil || errors.Is(err, store.ErrLeaseLost) || errors.Is(err, store.ErrNotFound):
+		err = nil // removed, or committed after all
+	case q.stopping.Err() == nil:
+		q.Log.Error("cannot remove an uncommitted message yet, will retry", err, "queue_id", l.ID.String())
+		q.receiving.removeLater(l)
+	default:
 		// Left in the store, it would be delivered once its receiving
 		// lease expires although its client was not told it was
 		// accepted; say so loudly.

@@ -192,6 +192,10 @@ func (q *Queue) reportRecipient(m *store.Message, r *store.Rcpt, kind fate.Kind)
 		FinalRecipient:  r.Addr,
 		LastAttemptDate: r.LastAttempt,
 	}
+	if r.Via != "" {
+		// Sent through the fallback target, not the usual way.
+		out.Via = r.Via
+	}
 	// RFC 3461 defines only these ORCPT address types; go-smtp accepts only
 	// them, but the module API passes anything on.
 	switch strings.ToLower(r.OrigType) {

@@ -83,7 +83,9 @@ func TestStressEnqueueDeliverAdmin(t *testing.T) {
 			return err
 		}
 		booksMu.Lock()
-		addrsOf[d.(*delivery).msg.ID] = to
+		for _, p := range d.(*delivery).parts {
+			addrsOf[p.msg.ID] = to
+		}
 		booksMu.Unlock()
 		return d.Commit(ctx)
 	}

@@ -37,7 +37,8 @@ func (q *fakeQueue) Apply(ctx context.Context, op Op, f Filter) (Result, error) 
 	}
 	return res, err
 }
-func (q *fakeQueue) Now() time.Time { return t0 }
+func (q *fakeQueue) Now() time.Time         { return t0 }
+func (q *fakeQueue) Suspended() []Suspended { return nil }
 
 func newFakeQueue(t *testing.T, msgs ...*store.Message) *fakeQueue {
 	t.Helper()

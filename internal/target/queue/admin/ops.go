@@ -116,4 +116,6 @@ type Queue interface {
 	Apply(ctx context.Context, op Op, f Filter) (Result, error)
 	// Now is the queue's clock.
 	Now() time.Time
+	// Suspended lists the destinations suspended as dead.
+	Suspended() []Suspended
 }

@@ -321,6 +321,7 @@ func (s *server) handle(w *respWriter, req Request, peer Peer) error {
 			if err != nil {
 				return err
 			}
+			st.Suspended = r.q.Suspended()
 			if err := w.send(Response{Stats: &st}); err != nil {
 				return err
 			}

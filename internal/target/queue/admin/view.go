@@ -29,6 +29,9 @@ type MessageInfo struct {
 	Attempts    int       `json:"attempts"`
 	NextAttempt time.Time `json:"next_attempt"`
 	Held        bool      `json:"held"`
+	// Destination is the destination the entry's recipients are sent to
+	// ("" for a queue with one destination).
+	Destination string `json:"destination,omitempty"`
 	// InFlight is true while an attempt holds the message (live server
 	// only), on LeaseOwner's node until LeaseExpiry unless renewed.
 	InFlight    bool      `json:"in_flight,omitempty"`
@@ -51,6 +54,11 @@ type RcptInfo struct {
 	Temporary   bool      `json:"temporary,omitempty"`
 	Notify      []string  `json:"notify,omitempty"`
 	ORCPT       string    `json:"orcpt,omitempty"`
+	// Via names the target that took the recipient when it was not the
+	// usual one (the fallback target).
+	Via string `json:"via,omitempty"`
+	// History is the recipient's last attempts, oldest first (show only).
+	History []RcptAttemptInfo `json:"history,omitempty"`
 }
 
 // AttemptInfo is one entry of a message's attempt history.
@@ -98,6 +106,7 @@ func Info(instance string, m *store.Message) MessageInfo {
 		Attempts:    m.Attempts,
 		NextAttempt: m.NextAttempt,
 		Held:        m.Held,
+		Destination: m.Destination,
 		Pending:     []RcptInfo{},
 	}
 	if l := m.Lease; l != nil {
@@ -131,7 +140,7 @@ func DetailOf(instance string, m *store.Message) Detail {
 		AuthUser:     m.Conn.AuthUser,
 	}
 	for i := range m.Rcpts {
-		d.All[i] = rcptInfo(&m.Rcpts[i])
+		d.All[i] = rcptDetail(&m.Rcpts[i])
 	}
 	for i, h := range m.History {
 		d.History[i] = AttemptInfo{Time: h.Time, Duration: h.Duration.Seconds(),
@@ -149,7 +158,29 @@ func rcptInfo(r *store.Rcpt) RcptInfo {
 		ri.LastError = attempt.FormatStatus(*r.LastError)
 		ri.Temporary = r.LastError.Temporary
 	}
+	ri.Via = r.Via
 	return ri
+}
+
+// rcptDetail is rcptInfo with the recipient's attempt history.
+func rcptDetail(r *store.Rcpt) RcptInfo {
+	ri := rcptInfo(r)
+	for _, a := range r.History {
+		ai := RcptAttemptInfo{Time: a.Time, Result: "accepted", Via: a.Via}
+		if a.Status != nil {
+			ai.Result = attempt.FormatStatus(*a.Status)
+		}
+		ri.History = append(ri.History, ai)
+	}
+	return ri
+}
+
+// RcptAttemptInfo is one attempt of one recipient.
+type RcptAttemptInfo struct {
+	Time time.Time `json:"time"`
+	// Result is "accepted", or the reply the target refused with.
+	Result string `json:"result"`
+	Via    string `json:"via,omitempty"`
 }
 
 // List calls fn for every message of r that f selects, in ID (arrival)
@@ -232,6 +263,20 @@ type Stats struct {
 	// recipients; TopErrors the most frequent last errors.
 	TopDomains []Count `json:"top_domains"`
 	TopErrors  []Count `json:"top_errors"`
+	// Suspended lists the destinations this node has suspended as dead
+	// (live server only; each node of a cluster suspends on its own).
+	Suspended []Suspended `json:"suspended,omitempty"`
+}
+
+// Suspended is a destination suspended as dead: none of its messages is
+// attempted until its next probe succeeds.
+type Suspended struct {
+	Destination string    `json:"destination"`
+	Since       time.Time `json:"since"`
+	// NextProbe is when the next probe is sent; zero while one is in
+	// flight.
+	NextProbe time.Time `json:"next_probe,omitzero"`
+	Reason    string    `json:"reason,omitempty"`
 }
 
 // Count is one row of a top list.

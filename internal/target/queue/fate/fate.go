@@ -40,9 +40,20 @@ type Attempt struct {
 	// Message.Pending() when the attempt started: nil means the target
 	// accepted the recipient, otherwise the status it failed with.
 	Results []*store.SMTPStatus
+	// Via names, per result, the target that took the recipient when it
+	// was not the usual one (the fallback target); nil or "" for the
+	// usual target.
+	Via []string
 	// Cancelled is set when the attempt was cancelled by a shutdown
 	// rather than answered: see Apply.
 	Cancelled bool
+}
+
+func (a Attempt) via(i int) string {
+	if i < len(a.Via) {
+		return a.Via[i]
+	}
+	return ""
 }
 
 // Apply records attempt a of m's pending recipients in m and decides
@@ -68,8 +79,9 @@ func (r Rules) Apply(m *store.Message, a Attempt, rnd float64) {
 		for i, idx := range pending {
 			if a.Results[i] == nil {
 				rc := &m.Rcpts[idx]
-				rc.State, rc.LastError, rc.LastAttempt = store.RcptDelivered, nil, a.Time
+				rc.State, rc.LastError, rc.LastAttempt, rc.Via = store.RcptDelivered, nil, a.Time, a.via(i)
 				rc.Tries++
+				rc.AddHistory(store.RcptAttempt{Time: a.Time, Via: a.via(i)})
 			}
 		}
 		return
@@ -81,8 +93,10 @@ func (r Rules) Apply(m *store.Message, a Attempt, rnd float64) {
 		rc := &m.Rcpts[idx]
 		rc.Tries++
 		rc.LastAttempt = a.Time
+		rc.Via = a.via(i)
 		maxTries = max(maxTries, rc.Tries)
 		st := a.Results[i]
+		rc.AddHistory(store.RcptAttempt{Time: a.Time, Status: st, Via: rc.Via})
 		switch {
 		case st == nil:
 			rc.State, rc.LastError = store.RcptDelivered, nil
@@ -118,6 +132,44 @@ func (r Rules) Apply(m *store.Message, a Attempt, rnd float64) {
 		return
 	}
 	m.NextAttempt = r.delayMarkBefore(m, a.Time, retry.At)
+}
+
+// Postpone records that m's destination is suspended as dead: no attempt
+// is made and no try counted. Pending recipients that have no error yet
+// get reason (the destination's last failure), so reports and operators
+// say why they wait. Once the message is Policy.MaxAge old, retrying ends
+// as after an attempt: the pending recipients fail with their last error.
+// Otherwise the next attempt is spaced as tries would be (by tries and
+// postponements together), moved earlier to a delay report's mark, and
+// never past the deadline, so delay reports and the deadline keep their
+// times while the destination is suspended. rnd jitters the delay.
+func (r Rules) Postpone(m *store.Message, reason *store.SMTPStatus, now time.Time, rnd float64) {
+	pending := m.Pending()
+	if len(pending) == 0 {
+		return
+	}
+	tries := 0
+	for _, idx := range pending {
+		rc := &m.Rcpts[idx]
+		if rc.LastError == nil && reason != nil {
+			c := *reason
+			rc.LastError = &c
+		}
+		tries = max(tries, rc.Tries)
+	}
+	deadline := r.Policy.Until(m.Arrival)
+	if !now.Before(deadline) {
+		for _, idx := range pending {
+			m.Rcpts[idx].State = store.RcptFailed
+		}
+		return
+	}
+	m.Postponed++
+	next := now.Add(r.Policy.Delay(tries+m.Postponed, rnd))
+	if next.After(deadline) {
+		next = deadline
+	}
+	m.NextAttempt = r.delayMarkBefore(m, now, next)
 }
 
 // Bounce fails every pending recipient of m with the status st gives it

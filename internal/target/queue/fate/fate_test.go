@@ -220,3 +220,70 @@ func TestBounce(t *testing.T) {
 		t.Fatal("bounced again with nothing pending")
 	}
 }
+
+// TestPostpone: a message of a suspended destination is not attempted,
+// counts no try, and keeps its deadline and delay reports.
+func TestPostpone(t *testing.T) {
+	refused := &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 4, 1}, Message: "connection refused", Temporary: true}
+	for _, tc := range []struct {
+		name      string
+		prep      func(m *store.Message)
+		at        time.Duration
+		wantState store.RcptState
+		wantNext  time.Duration // after t0, while pending
+	}{
+		// testRules: delays 5m then 1h, max age 24h, delay report at 90m.
+		{name: "never tried: next as after a first try", at: 0, wantState: store.RcptPending, wantNext: 5 * time.Minute},
+		{name: "postponed before: spaced like the next try", prep: func(m *store.Message) { m.Postponed = 1 },
+			at: 10 * time.Minute, wantState: store.RcptPending, wantNext: 10*time.Minute + time.Hour},
+		{name: "moved to the delay report mark", prep: func(m *store.Message) { m.Rcpts[0].Tries = 1 },
+			at: 60 * time.Minute, wantState: store.RcptPending, wantNext: 90 * time.Minute},
+		{name: "never past the deadline", prep: func(m *store.Message) { m.Rcpts[0].Tries = 1; m.Rcpts[0].Reported = uint8(Delay) },
+			at: 23*time.Hour + 30*time.Minute, wantState: store.RcptPending, wantNext: 24 * time.Hour},
+		{name: "at the deadline retrying ends", at: 24 * time.Hour, wantState: store.RcptFailed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := message("a@x.test")
+			if tc.prep != nil {
+				tc.prep(m)
+			}
+			triesBefore := m.Rcpts[0].Tries
+			testRules().Postpone(m, refused, t0.Add(tc.at), 0.5)
+			rc := m.Rcpts[0]
+			if rc.State != tc.wantState || rc.Tries != triesBefore || m.Attempts != 0 {
+				t.Fatalf("state %v, tries %d (were %d), attempts %d", rc.State, rc.Tries, triesBefore, m.Attempts)
+			}
+			if rc.LastError == nil || rc.LastError.Message != "connection refused" {
+				t.Fatalf("last error %+v, want the destination's", rc.LastError)
+			}
+			if tc.wantState == store.RcptPending && !m.NextAttempt.Equal(t0.Add(tc.wantNext)) {
+				t.Fatalf("next attempt at %v, want %v", m.NextAttempt.Sub(t0), tc.wantNext)
+			}
+		})
+	}
+}
+
+// TestApplyRecordsRecipientHistory: each recipient keeps its last
+// attempts, and the target that took it.
+func TestApplyRecordsRecipientHistory(t *testing.T) {
+	m := message("a@x.test", "b@x.test")
+	r := testRules()
+	for i := 0; i < store.MaxRcptHistory+2; i++ {
+		r.Apply(m, Attempt{Time: t0.Add(time.Duration(i) * time.Minute), Results: []*store.SMTPStatus{temp, temp}}, 0.5)
+		for j := range m.Rcpts {
+			m.Rcpts[j].Tries = 0 // keep retrying
+		}
+	}
+	r.Apply(m, Attempt{Time: t0.Add(time.Hour), Results: []*store.SMTPStatus{nil, temp}, Via: []string{"relay", ""}}, 0.5)
+	a := m.Rcpts[0]
+	if len(a.History) != store.MaxRcptHistory || a.State != store.RcptDelivered || a.Via != "relay" {
+		t.Fatalf("a: %d history entries, state %v, via %q", len(a.History), a.State, a.Via)
+	}
+	last := a.History[len(a.History)-1]
+	if !last.Time.Equal(t0.Add(time.Hour)) || last.Status != nil || last.Via != "relay" {
+		t.Fatalf("a's last attempt %+v", last)
+	}
+	if b := m.Rcpts[1]; b.History[len(b.History)-1].Status == nil || b.Via != "" {
+		t.Fatalf("b's last attempt %+v, via %q", b.History[len(b.History)-1], b.Via)
+	}
+}

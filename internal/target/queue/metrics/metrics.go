@@ -4,6 +4,7 @@
 package metrics
 
 import (
+	"sort"
 	"sync"
 	"time"
 
@@ -71,6 +72,21 @@ var (
 		Name: "maddy_spool_admin_operations_total",
 		Help: "Operator commands that changed the queue, by operation.",
 	}, []string{"module", "op"})
+
+	// StoreErrors counts calls of the delivery side that the store
+	// failed, by what was asked (StoreClaim, StoreSave, StoreRenew): the
+	// disk of the embedded store, or the database of a shared one.
+	StoreErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "maddy_spool_store_errors_total",
+		Help: "Store calls of the delivery side that failed (claiming due messages, saving outcomes, renewing leases), by call.",
+	}, []string{"module", "op"})
+)
+
+// Calls counted by StoreErrors.
+const (
+	StoreClaim = "claim"
+	StoreSave  = "save"
+	StoreRenew = "renew"
 )
 
 // Reasons for EnqueueFailures.
@@ -99,6 +115,7 @@ var (
 	notSentReason = []string{ReasonNullSender, ReasonNoBouncePipeline, ReasonReportError}
 	enqueueReason = []string{ReasonStoreError, ReasonMinFreeSpace, ReasonNotCommitted}
 	adminOps      = []string{"hold", "release", "retry", "delete", "bounce"}
+	storeOps      = []string{StoreClaim, StoreSave, StoreRenew}
 )
 
 // InitSeries creates every labelled series of an instance at zero.
@@ -117,6 +134,9 @@ func InitSeries(module string) {
 	}
 	for _, op := range adminOps {
 		AdminOperations.WithLabelValues(module, op)
+	}
+	for _, op := range storeOps {
+		StoreErrors.WithLabelValues(module, op)
 	}
 	AttemptDuration.WithLabelValues(module)
 	Quarantined.WithLabelValues(module)
@@ -141,7 +161,23 @@ type Gauges struct {
 	// StoreFailed is set once the store stopped after a failed write
 	// whose durability is unknown; only a restart clears it.
 	StoreFailed bool
+	// Suspended lists the destinations suspended as dead on this node.
+	Suspended []string
+	// DestinationInFlight is the attempts in flight on this node per
+	// destination.
+	DestinationInFlight map[string]int
 }
+
+// Label cardinality bounds: a queue can have any number of destinations,
+// and a metric series per destination would grow without bound. Only
+// suspended destinations (at most MaxSuspendedSeries, the rest summed
+// in the count) and the MaxInFlightSeries busiest destinations (the rest
+// under destination="other") get a series.
+const (
+	MaxSuspendedSeries = 50
+	MaxInFlightSeries  = 10
+	OtherDestinations  = "other"
+)
 
 // QueueFigures are the figures of a whole queue.
 type QueueFigures struct {
@@ -172,6 +208,12 @@ var (
 		"Bytes available to the server on the filesystem holding the queue.", []string{"module"}, nil)
 	minFreeDesc = prometheus.NewDesc("maddy_spool_min_free_space_bytes",
 		"Free space below which new mail is refused with 452 (min_free_space; 0 when disabled).", []string{"module"}, nil)
+	suspendedCountDesc = prometheus.NewDesc("maddy_spool_destinations_suspended",
+		"Destinations this node has suspended as dead (none of their mail is attempted until a probe succeeds).", []string{"module"}, nil)
+	suspendedDesc = prometheus.NewDesc("maddy_spool_destination_suspended",
+		"1 for each destination this node has suspended as dead (at most 50 series; see maddy_spool_destinations_suspended for all).", []string{"module", "destination"}, nil)
+	destInFlightDesc = prometheus.NewDesc("maddy_spool_destination_attempts_in_flight",
+		"Delivery attempts running on this node for the 10 busiest destinations; the others are summed under destination=\"other\".", []string{"module", "destination"}, nil)
 	storeFailedDesc = prometheus.NewDesc("maddy_spool_store_failed",
 		"1 once the queue's store stopped after a failed write (new mail refused, delivery stopped until a restart); else 0.", []string{"module"}, nil)
 )
@@ -195,6 +237,9 @@ func (c *gaugeCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- freeDesc
 	ch <- minFreeDesc
 	ch <- storeFailedDesc
+	ch <- suspendedCountDesc
+	ch <- suspendedDesc
+	ch <- destInFlightDesc
 }
 
 func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
@@ -226,6 +271,16 @@ func (c *gaugeCollector) Collect(ch chan<- prometheus.Metric) {
 			failed = 1
 		}
 		ch <- prometheus.MustNewConstMetric(storeFailedDesc, prometheus.GaugeValue, failed, name)
+		ch <- prometheus.MustNewConstMetric(suspendedCountDesc, prometheus.GaugeValue, float64(len(g.Suspended)), name)
+		for i, dest := range g.Suspended {
+			if i == MaxSuspendedSeries {
+				break
+			}
+			ch <- prometheus.MustNewConstMetric(suspendedDesc, prometheus.GaugeValue, 1, name, dest)
+		}
+		for dest, n := range TopInFlight(g.DestinationInFlight) {
+			ch <- prometheus.MustNewConstMetric(destInFlightDesc, prometheus.GaugeValue, float64(n), name, dest)
+		}
 	}
 }
 
@@ -245,5 +300,31 @@ func Register(name string, src Source) (unregister func()) {
 }
 
 func init() {
-	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, gauges)
+	prometheus.MustRegister(Attempts, AttemptDuration, DSNs, DSNsNotSent, Quarantined, Enqueued, EnqueueFailures, AdminOperations, StoreErrors, gauges)
+}
+
+// TopInFlight keeps the MaxInFlightSeries destinations with the most
+// attempts in flight (ties by name) and sums the rest under
+// OtherDestinations, which is always present.
+func TopInFlight(inflight map[string]int) map[string]int {
+	dests := make([]string, 0, len(inflight))
+	for d := range inflight {
+		dests = append(dests, d)
+	}
+	sort.Slice(dests, func(i, j int) bool {
+		a, b := inflight[dests[i]], inflight[dests[j]]
+		if a != b {
+			return a > b
+		}
+		return dests[i] < dests[j]
+	})
+	out := map[string]int{OtherDestinations: 0}
+	for i, d := range dests {
+		if i < MaxInFlightSeries && d != OtherDestinations {
+			out[d] += inflight[d]
+		} else {
+			out[OtherDestinations] += inflight[d]
+		}
+	}
+	return out
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/foxcpp/maddy/framework/module"
 
 	"github.com/maddy-spool/spool/internal/testutils"
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
 
 // This file produces test fixtures by running maddy 0.8.1's target.queue
@@ -125,7 +126,7 @@ func TestMain(m *testing.M) {
 		// maddy's modules log every attempt; keep the output readable.
 		log.DefaultLogger.Out = log.NopOutput{}
 	}
-	code := m.Run()
+	code := pgtest.Main(m)
 	if fixtureRoot != "" {
 		os.RemoveAll(fixtureRoot)
 	}

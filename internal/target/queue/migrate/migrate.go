@@ -1,5 +1,7 @@
-// Package migrate moves the messages queued by maddy's own target.queue
-// (maddy 0.8.1) into a Spool store, for `maddy spool import`.
+// Package migrate moves queued messages into a Spool store, for `maddy
+// spool import`: those of maddy's own target.queue (maddy 0.8.1), and
+// those of an embedded Spool store, into any store (see "Importing a
+// Spool store" below).
 //
 // # Source format
 //
@@ -51,6 +53,81 @@
 // Entries that cannot be read (damaged or unknown metadata, truncated
 // header, missing content) are not touched and are reported, as are files
 // that belong to no entry.
+//
+// # Importing a Spool store
+//
+// ImportStore moves the messages of an embedded Spool store (a directory
+// with queue.db, see store/embedded) into another store, typically the
+// PostgreSQL store of a cluster whose nodes may be running: the path from
+// one node to a cluster. Each message keeps its whole state (recipients'
+// states, tries, last errors, reported DSN kinds, history, attempt times,
+// held flag, envelope and DSN options, connection details, content), so
+// nothing is delivered or reported twice and nothing is lost. The maddy
+// that used the source must be stopped: the source is opened for writing,
+// which takes its lock file, and fails naming the holder otherwise.
+//
+// A message is recognised in the destination by its copy key (copyKey: a
+// hash of maddy's message ID, the sender, the arrival time to the
+// nanosecond, the content lengths and the recipient addresses), which no
+// change of state alters. A run is one round, kept in a directory of the
+// source, LOCATION/imported-STAMP.partial, and goes through these steps,
+// each durable before the next:
+//
+//  1. The round directory is created (and LOCATION fsynced); a round an
+//     interrupted run left is reused.
+//  2. The destination is read and every source message is matched with
+//     its copy, if an earlier run made one. Before messages without a
+//     copy are created, their keys are appended to the round's journal
+//     (copied.keys) and fsynced, a batch at a time.
+//  3. Each message without a copy is created in the destination with
+//     Held set, so no node attempts it; a copy whose state differs from
+//     its source message (a maddy ran on the source between two runs) is
+//     updated to the source's state, still held. Copies of journaled keys
+//     that the source no longer has (that maddy finished them) are
+//     deleted from the destination if they are still held.
+//  4. Only when every queued source message has a copy: queue.db is
+//     renamed into the round directory, and both directories are
+//     fsynced. This is the seal: from here on nothing can deliver from the
+//     source (a maddy started on LOCATION finds no database and starts
+//     empty). The database is never deleted: the operator can inspect the
+//     round directory as a store (maddy spool list --dir).
+//  5. bodies/ and quarantine/ are moved into the round directory too, so
+//     that it is a whole store, and that is fsynced.
+//  6. The moved database is read, and the copy of every message that was
+//     not held in the source is released (Held cleared); copies of held
+//     messages stay held.
+//  7. The round directory is renamed to LOCATION/imported-STAMP, and
+//     LOCATION fsynced: the round is done.
+//
+// A crash (or an error) at any point leaves a state the next run resolves
+// from what is on disk:
+//
+//   - before 4 (queue.db still in LOCATION): every copy is held, so
+//     nothing is delivered twice, and the source is whole. The run
+//     starts again at 2 in the same round directory: messages already
+//     copied are matched and not created again, the others are created.
+//     A Create that failed before storing left no copy; one that stored
+//     and then failed (or whose reply was lost) left a held copy that the
+//     match finds. If the operator went back and ran maddy on the source
+//     in between, the copies are brought up to date and those of
+//     messages it finished are removed (their keys are in the journal,
+//     written before the creates), so what is released later is the
+//     source's last state.
+//   - between 4 and 7 (queue.db in imported-STAMP.partial): the run
+//     first finishes step 5, if LOCATION has no new database, and then
+//     steps 6 and 7. Every message had a copy when the database was
+//     moved, so a message whose copy is not found was released earlier
+//     and finished by a node since; releasing a copy already released
+//     changes nothing.
+//   - after 7: nothing is left to do; the run says so.
+//
+// A message damaged in the source (its content missing or unreadable) is
+// moved to the source store's quarantine when read, and so is no longer
+// queued there; it is reported and does not keep the rest from moving on.
+// Any other failure to copy a message stops the run before step 4 and is
+// reported; the next run completes it. As with target.queue entries, the
+// one way to duplicate a message is an operator releasing or deleting a
+// held copy by hand before the import is done.
 package migrate
 
 import (
@@ -92,13 +169,34 @@ type Options struct {
 	// Progress, if set, is called after every entry read and every entry
 	// handled; see Progress.
 	Progress func(Progress)
+
+	// beforeStep, if set (by tests), is called at the named points of
+	// ImportStore's protocol; an error stops the run there, as a crash
+	// would.
+	beforeStep func(step string) error
+}
+
+// withDefaults fills in the options left unset.
+func (o Options) withDefaults() Options {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...interface{}) {}
+	}
+	if o.Progress == nil {
+		o.Progress = func(Progress) {}
+	}
+	return o
 }
 
 // Progress is how far an import is: Done of the Total entries of its
-// current phase. An import first reads the metadata of every entry
-// (PhaseReading: Total is the number of metadata files), then handles the
-// readable ones (PhaseImporting: Total counts them, interrupted imports
-// included).
+// current phase. An import of a target.queue directory first reads the
+// metadata of every entry (PhaseReading: Total is the number of metadata
+// files), then handles the readable ones (PhaseImporting: Total counts
+// them, interrupted imports included). An import of a Spool store copies
+// its messages (PhaseImporting), then releases the copies
+// (PhaseReleasing: Total is the number of messages moved aside).
 type Progress struct {
 	Phase       string
 	Done, Total int
@@ -108,6 +206,7 @@ type Progress struct {
 const (
 	PhaseReading   = "reading"
 	PhaseImporting = "importing"
+	PhaseReleasing = "releasing"
 )
 
 // Imported is one maddy entry now in the store.
@@ -148,6 +247,11 @@ type Result struct {
 	// (content without metadata, a metadata rewrite maddy did not finish).
 	// They are left alone.
 	Stray []string
+	// Rounds are the Spool store databases ImportStore moved aside (or
+	// would, in a dry run) and released from.
+	Rounds []Round
+	// Notes are remarks on the run as a whole, for the operator.
+	Notes []string
 	// DryRun is set when nothing was changed.
 	DryRun bool
 	// Elapsed is how long the import took, by Options.Now.
@@ -165,6 +269,8 @@ type Destination interface {
 	Update(ctx context.Context, m *store.Message) error
 	// Walk calls fn for every stored message.
 	Walk(fn func(*store.Message) error) error
+	// Delete removes a stored message with its content.
+	Delete(ctx context.Context, id store.ID) error
 }
 
 var _ Destination = (*embedded.Dir)(nil)
@@ -191,7 +297,7 @@ func (d backendDestination) Create(ctx context.Context, m *store.Message, header
 }
 
 func (d backendDestination) Update(ctx context.Context, m *store.Message) error {
-	c, err := d.b.ClaimID(ctx, m.ID)
+	c, err := d.claim(ctx, m.ID)
 	if err != nil {
 		return err
 	}
@@ -201,6 +307,37 @@ func (d backendDestination) Update(ctx context.Context, m *store.Message) error 
 		_, err = d.b.Release(ctx, c.Lease)
 	}
 	return err
+}
+
+func (d backendDestination) Delete(ctx context.Context, id store.ID) error {
+	c, err := d.claim(ctx, id)
+	if err != nil {
+		return err
+	}
+	return d.b.Delete(ctx, c.Lease)
+}
+
+// claimTries and claimWait bound how long the import waits for a message
+// another party holds for a moment (an operator's change on a node).
+const (
+	claimTries = 10
+	claimWait  = 200 * time.Millisecond
+)
+
+// claim leases message id for the import, waiting a little while another
+// party holds it.
+func (d backendDestination) claim(ctx context.Context, id store.ID) (store.Claim, error) {
+	for i := 1; ; i++ {
+		c, err := d.b.ClaimID(ctx, id)
+		if !errors.Is(err, store.ErrLeased) || i == claimTries {
+			return c, err
+		}
+		select {
+		case <-ctx.Done():
+			return c, ctx.Err()
+		case <-time.After(claimWait):
+		}
+	}
 }
 
 func (d backendDestination) Walk(fn func(*store.Message) error) error {
@@ -216,16 +353,7 @@ func (d backendDestination) Walk(fn func(*store.Message) error) error {
 // Import is safe to run again, after a crash or an error at any point (see
 // the package documentation); maddy must not be running on fromDir.
 func Import(ctx context.Context, fromDir string, dst Destination, opts Options) (res Result, err error) {
-	im := &importer{dir: fromDir, dst: dst, opts: opts, res: Result{DryRun: opts.DryRun}}
-	if im.opts.Now == nil {
-		im.opts.Now = time.Now
-	}
-	if im.opts.Logf == nil {
-		im.opts.Logf = func(string, ...interface{}) {}
-	}
-	if im.opts.Progress == nil {
-		im.opts.Progress = func(Progress) {}
-	}
+	im := &importer{dir: fromDir, dst: dst, opts: opts.withDefaults(), res: Result{DryRun: opts.DryRun}}
 	start := im.opts.Now()
 	defer func() { res.Elapsed = im.opts.Now().Sub(start) }()
 	fresh, markers, err := im.scan()
@@ -606,6 +734,37 @@ func (r *Result) Write(w io.Writer) error {
 	}
 	for _, s := range r.Stray {
 		fmt.Fprintf(&b, "stray file %s: belongs to no queue entry, left alone\n", s)
+	}
+	for _, rd := range r.Rounds {
+		for _, rm := range rd.Removed {
+			if r.DryRun {
+				fmt.Fprintf(&b, "would remove held copy %s: its source message was finished by maddy after an interrupted import\n", rm)
+			} else {
+				fmt.Fprintf(&b, "removed held copy %s: its source message was finished by maddy after an interrupted import\n", rm)
+			}
+		}
+		switch {
+		case r.DryRun && rd.Sealed:
+			fmt.Fprintf(&b, "would finish the release from %s%s: %d message(s) released, %d staying held (held in the source)\n",
+				rd.Dir, partialSuffix, rd.Released, rd.KeptHeld)
+		case r.DryRun:
+			fmt.Fprintf(&b, "would move the source database to %s, then release %d message(s); %d would stay held (held in the source)\n",
+				rd.Dir, rd.Released, rd.KeptHeld)
+		case !rd.Sealed:
+		case rd.Done:
+			fmt.Fprintf(&b, "source database moved to %s (kept for inspection; nothing delivers from it); released %d message(s), %d kept held (held in the source)",
+				rd.Dir, rd.Released, rd.KeptHeld)
+			if rd.Finished > 0 {
+				fmt.Fprintf(&b, ", %d already finished in the destination", rd.Finished)
+			}
+			b.WriteByte('\n')
+		default:
+			fmt.Fprintf(&b, "source database moved to %s%s, release not finished (%d released so far): run the import again\n",
+				rd.Dir, partialSuffix, rd.Released)
+		}
+	}
+	for _, n := range r.Notes {
+		fmt.Fprintf(&b, "note: %s\n", n)
 	}
 	fmt.Fprintf(&b, "%d %s, %d skipped, %d not imported, %d stray file(s) in %v\n",
 		len(r.Imported), verb, len(r.Skipped), len(r.Failed), len(r.Stray), roundDuration(r.Elapsed))

@@ -614,15 +614,17 @@ func TestImportIntoSameDirectory(t *testing.T) {
 	}
 }
 
-// faultStore fails one store call for the entry with maddy ID target,
-// before or after passing it on, to leave the state a crash at that point
-// would leave.
+// faultStore fails one call to a Destination for the message with maddy
+// ID target, before or after passing it on, to leave the state a crash at
+// that point would leave.
 type faultStore struct {
-	*embedded.Dir
+	Destination
 	target string
 	// createBefore fails Create without storing; createAfter stores and
-	// then fails (a crash right after the commit); update fails Update.
-	createBefore, createAfter, update bool
+	// then fails (a crash right after the commit, or a lost reply);
+	// update fails the Update that releases the message (clears Held);
+	// walk fails every Walk.
+	createBefore, createAfter, update, walk bool
 }
 
 var errInjected = errors.New("injected failure")
@@ -631,7 +633,7 @@ func (f *faultStore) Create(ctx context.Context, m *store.Message, header []byte
 	if m.MsgID == f.target && f.createBefore {
 		return errInjected
 	}
-	if err := f.Dir.Create(ctx, m, header, body, n); err != nil {
+	if err := f.Destination.Create(ctx, m, header, body, n); err != nil {
 		return err
 	}
 	if m.MsgID == f.target && f.createAfter {
@@ -641,10 +643,17 @@ func (f *faultStore) Create(ctx context.Context, m *store.Message, header []byte
 }
 
 func (f *faultStore) Update(ctx context.Context, m *store.Message) error {
-	if m.MsgID == f.target && f.update {
+	if m.MsgID == f.target && f.update && !m.Held {
 		return errInjected
 	}
-	return f.Dir.Update(ctx, m)
+	return f.Destination.Update(ctx, m)
+}
+
+func (f *faultStore) Walk(fn func(*store.Message) error) error {
+	if f.walk {
+		return errInjected
+	}
+	return f.Destination.Walk(fn)
 }
 
 func TestImportResumesAfterCrash(t *testing.T) {
@@ -707,7 +716,7 @@ func TestImportResumesAfterCrash(t *testing.T) {
 			s := openStore(t, t.TempDir())
 			var first Destination = s
 			if tc.fault != nil {
-				tc.fault.Dir, tc.fault.target = s, target
+				tc.fault.Destination, tc.fault.target = s, target
 				first = tc.fault
 			}
 			res, err := Import(context.Background(), src, first, Options{})

@@ -5,6 +5,7 @@ package schedule
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
@@ -13,8 +14,9 @@ import (
 
 // Source is where the dispatcher finds work: a store.Backend.
 type Source interface {
-	Claim(ctx context.Context, max int) ([]store.Claim, error)
-	NextDue(ctx context.Context) (time.Time, bool, error)
+	Claim(ctx context.Context, max int, skip []string) ([]store.Claim, error)
+	ClaimNext(ctx context.Context, destination string) (store.Claim, error)
+	NextDue(ctx context.Context, skip []string) (time.Time, bool, error)
 	Wake() <-chan struct{}
 }
 
@@ -30,35 +32,43 @@ const SavesPerSlot = 4
 // answer a claim (e.g. its database is down) before asking again.
 const ErrorBackoff = time.Second
 
-// Dispatcher claims due messages and runs fn for each. At most Parallel of
-// them deliver at once: fn calls delivered when its delivery is over and
-// only its bookkeeping (reports, saving) is left, which frees the slot for
-// the next message; at most SavesPerSlot*Parallel more may be in that
-// state. Claims take as many messages as there are free slots, in one
-// store call.
+// Dispatcher claims due messages and runs fn for each, with the decision
+// Destinations made for it (fn must call Destinations.Done for Attempt and
+// Probe). At most Parallel of them deliver at once: fn calls delivered
+// when its delivery is over and only its bookkeeping (reports, saving) is
+// left, which frees the slot for the next message; at most
+// SavesPerSlot*Parallel more may be in that state. Claims take as many
+// messages as there are free slots, in one store call, leaving out the
+// destinations that have no room.
 type Dispatcher struct {
-	Clock    Clock
-	Source   Source
-	Parallel int
+	Clock        Clock
+	Source       Source
+	Parallel     int
+	Destinations *Destinations
 	// OnError is told about a failed claim.
 	OnError func(error)
 }
 
+type job struct {
+	c store.Claim
+	d Decision
+}
+
 // Run dispatches until ctx is done and every fn it started has returned.
-func (d *Dispatcher) Run(ctx context.Context, fn func(c store.Claim, delivered func())) {
+func (d *Dispatcher) Run(ctx context.Context, fn func(c store.Claim, dec Decision, delivered func())) {
 	deliveries := make(chan struct{}, d.Parallel)
 	saves := make(chan struct{}, SavesPerSlot*d.Parallel)
 	// A fixed set of workers, as many as claims can be in fn at once,
 	// rather than a goroutine per message: their stacks, grown once by
 	// decoding and delivering, are reused.
-	work := make(chan store.Claim)
+	work := make(chan job)
 	var wg sync.WaitGroup
 	for i := 0; i < d.Parallel+cap(saves); i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for c := range work {
-				runOne(c, fn, deliveries, saves)
+			for j := range work {
+				runOne(j, fn, deliveries, saves)
 			}
 		}()
 	}
@@ -83,38 +93,64 @@ func (d *Dispatcher) Run(ctx context.Context, fn func(c store.Claim, delivered f
 				break more
 			}
 		}
-		claims, err := d.Source.Claim(ctx, free)
-		for range free - len(claims) {
-			<-deliveries
+		// A worker is always free for a job: fn runs at most Parallel
+		// times holding a delivery slot plus cap(saves) times holding a
+		// save.
+		sent := 0
+		for _, dest := range d.Destinations.Probes(free) {
+			c, err := d.Source.ClaimNext(ctx, dest)
+			switch {
+			case errors.Is(err, store.ErrNotFound):
+				d.Destinations.Unprobed(dest)
+			case err != nil:
+				d.Destinations.Done(dest, Probe, Neutral, nil)
+				d.onError(err)
+			default:
+				work <- job{c, Probe}
+				sent++
+			}
 		}
-		// A worker is always free here: fn runs at most Parallel times
-		// holding a delivery slot plus cap(saves) times holding a save.
+		var claims []store.Claim
+		var err error
+		if sent < free {
+			claims, err = d.Source.Claim(ctx, free-sent, d.Destinations.Skip())
+		}
 		for _, c := range claims {
-			work <- c
+			work <- job{c, d.Destinations.Admit(c.Message.Destination)}
+		}
+		sent += len(claims)
+		for range free - sent {
+			<-deliveries
 		}
 		switch {
 		case ctx.Err() != nil:
 			return
 		case err != nil:
-			if d.OnError != nil {
-				d.OnError(err)
-			}
+			d.onError(err)
 			d.sleep(ctx, ErrorBackoff, nil)
-		case len(claims) == 0:
+		case sent == 0:
 			d.waitDue(ctx)
 		}
 	}
 }
 
-// waitDue waits until the store's next message is due, or it says
-// something may be due earlier.
+func (d *Dispatcher) onError(err error) {
+	if d.OnError != nil {
+		d.OnError(err)
+	}
+}
+
+// waitDue waits until the store's next message (of a destination with
+// room) is due or a suspended destination's probe is, or until the store
+// says something may be due earlier, or an attempt ends and makes room.
 func (d *Dispatcher) waitDue(ctx context.Context) {
-	due, ok, err := d.Source.NextDue(ctx)
+	due, ok, err := d.Source.NextDue(ctx, d.Destinations.Skip())
 	if err != nil {
-		if d.OnError != nil {
-			d.OnError(err)
-		}
+		d.onError(err)
 		due, ok = d.Clock.Now().Add(ErrorBackoff), true
+	}
+	if probe, pok := d.Destinations.NextProbe(); pok && (!ok || probe.Before(due)) {
+		due, ok = probe, true
 	}
 	d.sleepUntil(ctx, due, ok, d.Source.Wake())
 }
@@ -143,14 +179,15 @@ func (d *Dispatcher) sleepUntil(ctx context.Context, due time.Time, timed bool, 
 	select {
 	case <-fire:
 	case <-wake:
+	case <-d.Destinations.Freed():
 	case <-ctx.Done():
 	}
 }
 
-// runOne calls fn for one claim holding a delivery slot, which fn trades
+// runOne calls fn for one job holding a delivery slot, which fn trades
 // for a save slot by calling delivered, and releases the slot it holds at
 // the end.
-func runOne(c store.Claim, fn func(store.Claim, func()), deliveries, saves chan struct{}) {
+func runOne(j job, fn func(store.Claim, Decision, func()), deliveries, saves chan struct{}) {
 	saving := false
 	delivered := func() {
 		if saving {
@@ -169,5 +206,5 @@ func runOne(c store.Claim, fn func(store.Claim, func()), deliveries, saves chan 
 			<-deliveries
 		}
 	}()
-	fn(c, delivered)
+	fn(j.c, j.d, delivered)
 }

@@ -126,7 +126,11 @@ func (s *fakeSource) add(id store.ID, due time.Time) {
 	}
 }
 
-func (s *fakeSource) Claim(ctx context.Context, n int) ([]store.Claim, error) {
+func (s *fakeSource) ClaimNext(ctx context.Context, dest string) (store.Claim, error) {
+	return store.Claim{}, store.ErrNotFound
+}
+
+func (s *fakeSource) Claim(ctx context.Context, n int, skip []string) ([]store.Claim, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.claims++
@@ -156,7 +160,7 @@ func (s *fakeSource) Claim(ctx context.Context, n int) ([]store.Claim, error) {
 	return out, nil
 }
 
-func (s *fakeSource) NextDue(ctx context.Context) (time.Time, bool, error) {
+func (s *fakeSource) NextDue(ctx context.Context, skip []string) (time.Time, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var next time.Time
@@ -177,12 +181,24 @@ func (s *fakeSource) left() int {
 	return len(s.due)
 }
 
+// newDispatcher returns a dispatcher on src with destination limits that
+// never bind (every test message has the same destination).
+func newDispatcher(clock *FakeClock, src Source, parallel int) *Dispatcher {
+	dests := NewDestinations(DestinationRules{Limit: parallel}, clock.Now)
+	return &Dispatcher{Clock: clock, Source: src, Parallel: parallel, Destinations: dests}
+}
+
 // runDispatcher starts a dispatcher on src and returns when the test ends.
+// Every attempt is reported done to the destinations when fn returns.
 func runDispatcher(t *testing.T, clock *FakeClock, src Source, parallel int, fn func(c store.Claim, delivered func())) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
+	d := newDispatcher(clock, src, parallel)
 	go func() {
-		(&Dispatcher{Clock: clock, Source: src, Parallel: parallel}).Run(ctx, fn)
+		d.Run(ctx, func(c store.Claim, dec Decision, delivered func()) {
+			fn(c, delivered)
+			d.Destinations.Done(c.Message.Destination, dec, Neutral, nil)
+		})
 		close(done)
 	}()
 	t.Cleanup(func() { cancel(); <-done })
@@ -297,7 +313,9 @@ func TestDeliveredFreesSlotWithinSaveBound(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		(&Dispatcher{Clock: clock, Source: src, Parallel: 2}).Run(ctx, func(c store.Claim, delivered func()) {
+		d := newDispatcher(clock, src, 2)
+		d.Run(ctx, func(c store.Claim, dec Decision, delivered func()) {
+			defer d.Destinations.Done(c.Message.Destination, dec, Neutral, nil)
 			mu.Lock()
 			delivering++
 			maxDelivering = max(maxDelivering, delivering)

@@ -125,6 +125,32 @@ type Rcpt struct {
 	// DelayRepeats counts the delay_warning_repeat intervals whose delay
 	// report has been sent after the first one.
 	DelayRepeats int `json:"delay_repeats,omitempty"`
+	// Via names the target that took the recipient when it was not the
+	// queue's own (the fallback target); empty for the usual target.
+	Via string `json:"via,omitempty"`
+	// History holds the recipient's last attempts, oldest first, at most
+	// MaxRcptHistory.
+	History []RcptAttempt `json:"history,omitempty"`
+}
+
+// RcptAttempt is one attempt of one recipient: when, what the target said
+// (nil: accepted), and through which target ("" for the usual one).
+type RcptAttempt struct {
+	Time   time.Time   `json:"time"`
+	Status *SMTPStatus `json:"status,omitempty"`
+	Via    string      `json:"via,omitempty"`
+}
+
+// MaxRcptHistory bounds the attempts kept per recipient.
+const MaxRcptHistory = 5
+
+// AddHistory appends an attempt to r's history, keeping at most
+// MaxRcptHistory.
+func (r *Rcpt) AddHistory(a RcptAttempt) {
+	r.History = append(r.History, a)
+	if len(r.History) > MaxRcptHistory {
+		r.History = append(r.History[:0:0], r.History[len(r.History)-MaxRcptHistory:]...)
+	}
 }
 
 // MailOptions are the MAIL FROM parameters kept with the message and passed
@@ -188,6 +214,18 @@ type Message struct {
 	NextAttempt  time.Time       `json:"next_attempt"`
 	Held         bool            `json:"held,omitempty"`
 	History      []AttemptRecord `json:"history,omitempty"`
+	// Destination is where the queue sends the message's recipients,
+	// the unit of its per-destination limits (see the queue package):
+	// their domain, or "" for a queue that sends everything to one
+	// target (and for messages stored before destinations existed).
+	Destination string `json:"destination,omitempty"`
+	// HeaderMsgID is the Message-ID header field of the message, for
+	// the delivery log.
+	HeaderMsgID string `json:"message_id,omitempty"`
+	// Postponed counts the attempts not made because the destination
+	// was suspended as dead (they are not tries); it spaces the
+	// postponements out as tries would be.
+	Postponed int `json:"postponed,omitempty"`
 
 	// Lease is set by Get and Walk when the message is leased; it is not
 	// part of the stored metadata.

@@ -69,12 +69,21 @@ type Backend interface {
 	Commit(ctx context.Context, l *Lease) (Request, error)
 
 	// Claim leases up to max messages that are due, not held and not
-	// leased (or whose lease expired), earliest due first, and returns
-	// them with their metadata. It does not wait.
-	Claim(ctx context.Context, max int) ([]Claim, error)
-	// NextDue returns when the earliest message Claim could return falls
-	// due; ok is false when there is none.
-	NextDue(ctx context.Context) (due time.Time, ok bool, err error)
+	// leased (or whose lease expired), earliest due first, leaving out
+	// the messages of the destinations in skip, and returns them with
+	// their metadata. It does not wait.
+	Claim(ctx context.Context, max int, skip []string) ([]Claim, error)
+	// NextDue returns when the earliest message Claim could return
+	// (with the same skip) falls due; ok is false when there is none.
+	NextDue(ctx context.Context, skip []string) (due time.Time, ok bool, err error)
+	// ClaimNext leases the message of destination that is due first,
+	// not held and not leased, whatever its due time (a probe of a
+	// destination that was suspended). ErrNotFound if there is none.
+	ClaimNext(ctx context.Context, destination string) (Claim, error)
+	// MakeDue makes every message of destination that is not held and
+	// not leased due now, without changing what is stored of it, and
+	// says how many it made due.
+	MakeDue(ctx context.Context, destination string) (int, error)
 	// Wake receives a value when a message may have become claimable
 	// before the time NextDue gave: committed, released, retried, by this
 	// node or another.
@@ -154,6 +163,9 @@ type Claim struct {
 type LeaseInfo struct {
 	Owner  string
 	Expiry time.Time
+	// Token is the lease's fencing token: a renewal keeps it, a new lease
+	// of the message has a larger one.
+	Token uint64
 	// Receiving is set while the session that stores the message holds
 	// it (between Create and Commit).
 	Receiving bool

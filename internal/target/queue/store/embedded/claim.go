@@ -33,6 +33,10 @@ type lease struct {
 	// inHeap is set once an expired lease's message was put back in the
 	// due heap.
 	inHeap bool
+	// due is when the message was due when this lease took it out of the
+	// lanes: a Release puts it back at that time (which MakeDue may have
+	// made earlier than the stored next attempt).
+	due time.Time
 }
 
 func (l *lease) public(id store.ID) *store.Lease {
@@ -44,7 +48,7 @@ func (c *core) newLease(id store.ID, owner string, d time.Duration) *lease {
 	c.token++
 	l := &lease{owner: owner, token: c.token, expiry: c.now().Add(d)}
 	c.leases[id] = l
-	c.heap.remove(id)
+	l.due = c.lanes.remove(id)
 	return l
 }
 
@@ -56,7 +60,7 @@ func (c *core) leaseInfo(id store.ID) *store.LeaseInfo {
 	if l == nil {
 		return nil
 	}
-	return &store.LeaseInfo{Owner: l.owner, Expiry: l.expiry, Receiving: l.receiving, Request: l.request}
+	return &store.LeaseInfo{Owner: l.owner, Expiry: l.expiry, Token: l.token, Receiving: l.receiving, Request: l.request}
 }
 
 // requeueExpired puts the messages of expired leases of other nodes than
@@ -66,38 +70,96 @@ func (c *core) requeueExpired(now time.Time, node string) {
 	for id, l := range c.leases {
 		if !l.inHeap && l.owner != node && !l.valid(now) && !l.sched.Held {
 			l.inHeap = true
-			c.heap.push(id, l.expiry)
+			c.lanes.push(id, l.sched.Destination, l.expiry)
 		}
 	}
 }
 
 // Claim implements store.Backend.
-func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
+func (s *Store) Claim(ctx context.Context, max int, skip []string) ([]store.Claim, error) {
 	if err := s.dir.Failed(); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
 	now := s.now()
 	s.requeueExpired(now, s.node)
-	var taken []store.ID
-	var leases []*store.Lease
-	for len(taken) < max && s.heap.Len() > 0 && !s.heap.top().due.After(now) {
-		id := s.heap.pop()
-		old := s.leases[id]
-		l := s.newLease(id, s.node, s.lease)
-		if old != nil {
-			s.takeOver(l, old)
-		}
-		taken = append(taken, id)
-		leases = append(leases, l.public(id))
+	took := s.lanes.take(now, max, skipSet(skip))
+	ids := make([]store.ID, len(took))
+	leases := make([]*store.Lease, len(took))
+	for i, t := range took {
+		ids[i], leases[i] = t.id, s.leaseTaken(t)
 	}
 	s.mu.Unlock()
+	return s.readClaims(ids, leases)
+}
 
+// ClaimNext implements store.Backend.
+func (s *Store) ClaimNext(ctx context.Context, destination string) (store.Claim, error) {
+	if err := s.dir.Failed(); err != nil {
+		return store.Claim{}, err
+	}
+	s.mu.Lock()
+	s.requeueExpired(s.now(), s.node)
+	t, ok := s.lanes.first(destination)
+	var l *store.Lease
+	if ok {
+		l = s.leaseTaken(t)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return store.Claim{}, store.ErrNotFound
+	}
+	cs, err := s.readClaims([]store.ID{t.id}, []*store.Lease{l})
+	if err != nil {
+		return store.Claim{}, err
+	}
+	if len(cs) == 0 {
+		return store.Claim{}, store.ErrNotFound
+	}
+	return cs[0], nil
+}
+
+// MakeDue implements store.Backend.
+func (s *Store) MakeDue(ctx context.Context, destination string) (int, error) {
+	s.mu.Lock()
+	n := s.lanes.makeDue(destination, s.now())
+	s.mu.Unlock()
+	if n > 0 {
+		s.kick()
+	}
+	return n, nil
+}
+
+func skipSet(skip []string) map[string]bool {
+	if len(skip) == 0 {
+		return nil
+	}
+	m := make(map[string]bool, len(skip))
+	for _, d := range skip {
+		m[d] = true
+	}
+	return m
+}
+
+// leaseTaken leases t, just taken out of the lanes, to this node; c.mu is
+// held.
+func (s *Store) leaseTaken(t taken) *store.Lease {
+	old := s.leases[t.id]
+	l := s.newLease(t.id, s.node, s.lease)
+	l.due = t.due
+	if old != nil {
+		s.takeOver(l, old)
+	}
+	return l.public(t.id)
+}
+
+// readClaims reads the metadata of messages just leased; those gone meanwhile
+// (quarantined as they were read, or deleted) are not claimed.
+func (s *Store) readClaims(taken []store.ID, leases []*store.Lease) ([]store.Claim, error) {
 	claims := make([]store.Claim, 0, len(taken))
 	for i, id := range taken {
 		m, err := s.dir.Get(id)
 		if err != nil {
-			// Gone (quarantined as it was read, or deleted): not claimed.
 			s.dropLease(id, leases[i].Token)
 			if errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrCorrupt) {
 				continue
@@ -185,9 +247,10 @@ func (c *core) holding(l *store.Lease) (*lease, error) {
 
 // end finishes a holder's write: with the request recorded meanwhile the
 // lease is kept (and the request returned, once); otherwise the lease ends
-// and the message, unless held, waits in the heap for sched's due time.
-// The figures move from the lease's old state to sched. c.mu is held.
-func (c *core) end(id store.ID, l *lease, sched SchedEntry) store.Request {
+// and the message, unless held, waits in the lanes for sched's due time,
+// or (released unchanged) for the time it was due when it was taken. The
+// figures move from the lease's old state to sched. c.mu is held.
+func (c *core) end(id store.ID, l *lease, sched SchedEntry, released bool) store.Request {
 	l.writing = false
 	if l.receiving {
 		l.receiving = false
@@ -203,7 +266,11 @@ func (c *core) end(id store.ID, l *lease, sched SchedEntry) store.Request {
 	}
 	delete(c.leases, id)
 	if !sched.Held {
-		c.heap.push(id, sched.NextAttempt)
+		due := sched.NextAttempt
+		if released && !l.due.IsZero() && l.due.Before(due) {
+			due = l.due
+		}
+		c.lanes.push(id, sched.Destination, due)
 		c.kick()
 	}
 	return 0
@@ -240,7 +307,7 @@ func (s *Store) Save(ctx context.Context, l *store.Lease, m *store.Message) (sto
 		}
 		return 0, err
 	}
-	return s.end(l.ID, cur, schedOf(m)), nil
+	return s.end(l.ID, cur, schedOf(m), false), nil
 }
 
 // Commit implements store.Backend.
@@ -256,7 +323,7 @@ func (s *Store) Release(ctx context.Context, l *store.Lease) (store.Request, err
 	if err != nil {
 		return 0, err
 	}
-	return s.end(l.ID, cur, cur.sched), nil
+	return s.end(l.ID, cur, cur.sched, true), nil
 }
 
 // Delete implements store.Backend.
@@ -301,7 +368,7 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 			continue
 		}
 		if cur.inHeap {
-			s.heap.remove(l.ID)
+			s.lanes.remove(l.ID)
 			cur.inHeap = false
 		}
 		cur.expiry, l.Expiry = expiry, expiry
@@ -328,19 +395,16 @@ func (s *Store) Request(ctx context.Context, id store.ID, r store.Request) error
 	return store.ErrNotLeased
 }
 
-// NextDue implements store.Backend: the earliest due time in the heap, or
-// the earliest expiry of another node's lease that would put its message
-// back there.
-func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
+// NextDue implements store.Backend: the earliest due time in the lanes not
+// skipped, or the earliest expiry of another node's lease that would put
+// its message back there.
+func (s *Store) NextDue(ctx context.Context, skip []string) (time.Time, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var due time.Time
-	ok := false
-	if s.heap.Len() > 0 {
-		due, ok = s.heap.top().due, true
-	}
+	skipped := skipSet(skip)
+	due, ok := s.lanes.next(skipped)
 	for _, l := range s.leases {
-		if !l.inHeap && l.owner != s.node && !l.writing && !l.sched.Held && (!ok || l.expiry.Before(due)) {
+		if !l.inHeap && l.owner != s.node && !l.writing && !l.sched.Held && !skipped[l.sched.Destination] && (!ok || l.expiry.Before(due)) {
 			due, ok = l.expiry, true
 		}
 	}

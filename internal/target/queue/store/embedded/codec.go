@@ -8,28 +8,31 @@ import (
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
-// A sched value is fixed-size binary: next attempt and arrival as Unix
-// nanoseconds, a flags byte, then the pending recipient count. Fixed size keeps start-up to a plain
-// cursor walk with no allocation per entry.
+// A sched value is binary: next attempt and arrival as Unix nanoseconds,
+// a flags byte, the pending recipient count, then (format 3) the
+// destination's bytes, if any. The fixed part keeps start-up to a plain
+// cursor walk with little allocation per entry.
 const (
 	schedLen  = 21
 	schedHeld = 1 << 0
+	// maxDestinationLen bounds a destination (a domain is at most 255).
+	maxDestinationLen = 1024
 )
 
 func encodeSched(e SchedEntry) []byte {
-	b := make([]byte, schedLen)
+	b := make([]byte, schedLen, schedLen+len(e.Destination))
 	binary.BigEndian.PutUint64(b[0:], uint64(e.NextAttempt.UnixNano()))
 	binary.BigEndian.PutUint64(b[8:], uint64(e.Arrival.UnixNano()))
 	if e.Held {
 		b[16] |= schedHeld
 	}
 	binary.BigEndian.PutUint32(b[17:], uint32(e.Pending))
-	return b
+	return append(b, e.Destination...)
 }
 
 func decodeSched(id store.ID, b []byte) (SchedEntry, error) {
-	if len(b) != schedLen {
-		return SchedEntry{}, fmt.Errorf("schedule entry of %d bytes, want %d", len(b), schedLen)
+	if len(b) < schedLen || len(b) > schedLen+maxDestinationLen {
+		return SchedEntry{}, fmt.Errorf("schedule entry of %d bytes, want %d to %d", len(b), schedLen, schedLen+maxDestinationLen)
 	}
 	if b[16]&^schedHeld != 0 {
 		return SchedEntry{}, fmt.Errorf("schedule entry has unknown flags %#x", b[16])
@@ -40,6 +43,7 @@ func decodeSched(id store.ID, b []byte) (SchedEntry, error) {
 		Arrival:     time.Unix(0, int64(binary.BigEndian.Uint64(b[8:]))),
 		Held:        b[16]&schedHeld != 0,
 		Pending:     int(binary.BigEndian.Uint32(b[17:])),
+		Destination: string(b[schedLen:]),
 	}, nil
 }
 
@@ -64,7 +68,7 @@ const arrivalKeyLen = 16
 // schedArrivalKey returns the arrival index key of the message with
 // schedule value sched, or nil if sched is not well-formed.
 func schedArrivalKey(id store.ID, sched []byte) []byte {
-	if len(sched) != schedLen {
+	if len(sched) < schedLen {
 		return nil
 	}
 	k := make([]byte, arrivalKeyLen)
@@ -96,11 +100,13 @@ type SchedEntry struct {
 	Held        bool
 	// Pending is the number of recipients still pending.
 	Pending int
+	// Destination is the message's destination (store.Message).
+	Destination string
 }
 
 // schedOf returns the schedule entry of m.
 func schedOf(m *store.Message) SchedEntry {
-	return SchedEntry{ID: m.ID, NextAttempt: m.NextAttempt, Arrival: m.Arrival, Held: m.Held, Pending: len(m.Pending())}
+	return SchedEntry{ID: m.ID, NextAttempt: m.NextAttempt, Arrival: m.Arrival, Held: m.Held, Pending: len(m.Pending()), Destination: m.Destination}
 }
 
 // QuarantineFunc is told about every entry moved aside, with the reason.

@@ -1,10 +1,24 @@
 // Package embedded is the default store of target.spool: a bbolt database
-// and a directory of content files on the local disk, needing no setup.
+// and a directory of content files on the local disk, needing no setup,
+// owned by one maddy process.
+//
+// It has two layers. Dir (dir.go, layout.go, recover.go, commit.go,
+// content.go, scan.go) keeps what is durable and is described below.
+// Store (embedded.go, claim.go) implements store.Backend on a Dir: who
+// works on which message (leases, fencing tokens, operator requests) and
+// which messages wait for their time (a heap of due times) are kept in
+// memory, since only one process opens the directory. After a restart
+// nothing is leased, and every stored message, one still being received
+// when the process died included, is claimable at its stored due time:
+// delivery is at least once. Open loads the schedule of the stored
+// messages in the background, covering exactly those stored before it, so
+// a large queue does not delay the start and nothing is counted twice.
 //
 // A queued message is three things: its metadata (envelope, per-recipient
-// state, attempt history; see Message), its content (the header block
-// followed by the body), and a small schedule entry (next attempt time,
-// arrival time, held flag) that start-up reads instead of the metadata.
+// state, attempt history; see store.Message), its content (the header
+// block followed by the body), and a small schedule entry (next attempt
+// time, arrival time, held flag) that start-up reads instead of the
+// metadata.
 //
 // # Layout
 //

@@ -62,7 +62,7 @@ func Open(path string, opts Options) (*Store, error) {
 		lease:        opts.Lease,
 		receiveLease: opts.ReceiveLease,
 		onQuar:       opts.OnQuarantine,
-		heap:         dueHeap{index: map[store.ID]*dueEntry{}},
+		lanes:        newLanes(),
 		leases:       map[store.ID]*lease{},
 		wake:         make(chan struct{}, 1),
 		loaded:       make(chan struct{}),
@@ -225,7 +225,7 @@ type core struct {
 	messages, recipients, held atomic.Int64
 
 	mu     sync.Mutex
-	heap   dueHeap             // claimable messages by due time
+	lanes  lanes               // claimable messages by destination and due time
 	leases map[store.ID]*lease // current leases, expired ones included
 	token  uint64              // the last token issued
 }
@@ -256,7 +256,7 @@ func (c *core) load(last store.ID) {
 		defer c.mu.Unlock()
 		c.count(e, 1)
 		if !e.Held {
-			c.heap.push(e.ID, e.NextAttempt)
+			c.lanes.push(e.ID, e.Destination, e.NextAttempt)
 		}
 		return nil
 	})
@@ -287,7 +287,7 @@ func (c *core) quarantined(id store.ID, sched *SchedEntry, reason error) {
 		// The holder's next write finds the entry gone.
 		delete(c.leases, id)
 	}
-	c.heap.remove(id)
+	c.lanes.remove(id)
 	if counted {
 		c.count(*sched, -1)
 	}

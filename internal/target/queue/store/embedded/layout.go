@@ -35,7 +35,10 @@ var (
 //
 //	1: buckets meta, sched, content, quarantine, info
 //	2: adds the arrival index (bucketArrival)
-const dbFormat = 2
+//	3: a schedule entry may carry the message's destination after its
+//	   fixed part (entries of format 2 are valid format-3 entries
+//	   without one, so the move to 3 rewrites nothing)
+const dbFormat = 3
 
 func (d *Dir) initBuckets() error {
 	var format byte
@@ -75,8 +78,18 @@ func (d *Dir) initBuckets() error {
 			return info.Put(keyFormat, []byte{dbFormat})
 		}
 		format, err = checkFormat(info)
-		if err != nil || format >= 2 {
+		if err != nil {
 			return err
+		}
+		if format == 2 {
+			// Builds that know format 2 would refuse longer schedule
+			// entries as damage; the marker makes them refuse the whole
+			// database, as the contract says, before any is written.
+			format = dbFormat
+			return info.Put(keyFormat, []byte{dbFormat})
+		}
+		if format >= 2 {
+			return nil
 		}
 		// Format 1: the index is built afresh, also over what an
 		// interrupted migration left.

@@ -55,7 +55,7 @@ func TestLoadCoversOnlyMessagesStoredBefore(t *testing.T) {
 		t.Fatalf("Stats = %+v; want old and new, nothing twice, not the one being received", st)
 	}
 	clock.Advance(time.Second)
-	cs, err := s.Claim(ctx, 10)
+	cs, err := s.Claim(ctx, 10, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

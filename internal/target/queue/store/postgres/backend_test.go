@@ -140,7 +140,7 @@ func TestNodeNames(t *testing.T) {
 	// Close deregisters, and keeps the leases: what a held is the
 	// restarted node's to take back.
 	id := queueMsg(t, a, newMsg(h, "r@x.test"))
-	if cs, err := a.Claim(ctx, 10); err != nil || len(cs) != 1 {
+	if cs, err := a.Claim(ctx, 10, nil); err != nil || len(cs) != 1 {
 		t.Fatalf("Claim = %v, %v", cs, err)
 	}
 	if err := a.Close(); err != nil {
@@ -149,15 +149,15 @@ func TestNodeNames(t *testing.T) {
 	if n := h.queryInt(t, "SELECT count(*) FROM spool_nodes WHERE name = 'mx1'"); n != 0 {
 		t.Fatal("Close left the node registered")
 	}
-	if _, err := a.Claim(ctx, 1); !errors.Is(err, store.ErrClosed) {
+	if _, err := a.Claim(ctx, 1, nil); !errors.Is(err, store.ErrClosed) {
 		t.Fatalf("Claim after Close = %v, want ErrClosed", err)
 	}
 	b := h.openNode(t, "mx2")
-	if cs, err := b.Claim(ctx, 10); err != nil || len(cs) != 0 {
+	if cs, err := b.Claim(ctx, 10, nil); err != nil || len(cs) != 0 {
 		t.Fatalf("Claim on another node after Close = %v, %v; want none (still leased)", cs, err)
 	}
 	a = h.openNode(t, "mx1")
-	if cs, err := a.Claim(ctx, 10); err != nil || len(cs) != 1 || cs[0].Message.ID != id {
+	if cs, err := a.Claim(ctx, 10, nil); err != nil || len(cs) != 1 || cs[0].Message.ID != id {
 		t.Fatalf("Claim after the node came back = %v, %v", cs, err)
 	}
 	a.Close()
@@ -220,7 +220,7 @@ func TestQuarantineDamaged(t *testing.T) {
 	damage(big.ID, `{"v":1,"rcpts":[]}`)
 
 	// Claim skips and quarantines them, and does not meet them again.
-	cs, err := a.Claim(ctx, 10)
+	cs, err := a.Claim(ctx, 10, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,7 +232,7 @@ func TestQuarantineDamaged(t *testing.T) {
 		t.Fatalf("Claim = %v, want %v", got, want)
 	}
 	h.clock.Advance(2 * testLease)
-	if cs, err := a.Claim(ctx, 10); err != nil || len(cs) != 3 {
+	if cs, err := a.Claim(ctx, 10, nil); err != nil || len(cs) != 3 {
 		t.Fatalf("Claim after the leases expired = %d claims, %v; want the 3 sound ones", len(cs), err)
 	}
 	mu.Lock()
@@ -422,7 +422,7 @@ func TestLargeMessage(t *testing.T) {
 		t.Fatalf("%d messages stored, want 1", n)
 	}
 
-	cs, err := a.Claim(ctx, 1)
+	cs, err := a.Claim(ctx, 1, nil)
 	if err != nil || len(cs) != 1 {
 		t.Fatal(cs, err)
 	}
@@ -506,7 +506,7 @@ func TestConcurrentHandles(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for done.Load() < saves && !failed.Load() {
-				cs, err := s.Claim(ctx, 5)
+				cs, err := s.Claim(ctx, 5, nil)
 				if err != nil {
 					fail(err)
 					return

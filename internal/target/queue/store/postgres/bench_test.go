@@ -99,7 +99,7 @@ func BenchmarkClaimSave(b *testing.B) {
 	}
 	wg.Wait()
 	parallel(b, 16, func() (int, error) {
-		cs, err := s.Claim(ctx, 10)
+		cs, err := s.Claim(ctx, 10, nil)
 		if err != nil {
 			return 0, err
 		}

@@ -22,7 +22,7 @@ import (
 const claimSQL = `
 WITH c AS (
 	SELECT id, claimable_at FROM spool_messages
-	WHERE NOT held AND claimable_at <= $1
+	WHERE NOT held AND claimable_at <= $1 AND destination <> ALL($5)
 	ORDER BY claimable_at, id
 	LIMIT $2
 	FOR UPDATE SKIP LOCKED
@@ -33,9 +33,75 @@ FROM c
 WHERE m.id = c.id
 RETURNING m.id, m.lease_token, m.meta, c.claimable_at`
 
-// Claim leases up to max messages that are due, earliest due first.
-// Entries whose metadata cannot be decoded are quarantined and skipped.
-func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
+// claimNextSQL leases the message of destination $5 due first, whatever
+// its due time, as claimSQL leases due ones.
+const claimNextSQL = `
+WITH c AS (
+	SELECT id, claimable_at FROM spool_messages
+	WHERE NOT held AND destination = $5 AND (lease_owner IS NULL OR lease_expiry <= $1)
+	ORDER BY claimable_at, id
+	LIMIT $2
+	FOR UPDATE SKIP LOCKED
+)
+UPDATE spool_messages m SET
+	lease_token = m.lease_token + 1, lease_owner = $3, lease_expiry = $4, claimable_at = $4, receiving = false
+FROM c
+WHERE m.id = c.id
+RETURNING m.id, m.lease_token, m.meta, c.claimable_at`
+
+// Claim leases up to max messages that are due, earliest due first,
+// leaving out those of the destinations in skip. Entries whose metadata
+// cannot be decoded are quarantined and skipped.
+func (s *Store) Claim(ctx context.Context, max int, skip []string) ([]store.Claim, error) {
+	if skip == nil {
+		skip = []string{} // <> ALL of an empty array is true; of NULL, null
+	}
+	return s.claim(ctx, claimSQL, max, skip)
+}
+
+// ClaimNext leases the message of destination due first, whatever its
+// due time.
+func (s *Store) ClaimNext(ctx context.Context, destination string) (store.Claim, error) {
+	cs, err := s.claim(ctx, claimNextSQL, 1, destination)
+	if err != nil {
+		return store.Claim{}, err
+	}
+	if len(cs) == 0 {
+		return store.Claim{}, store.ErrNotFound
+	}
+	return cs[0], nil
+}
+
+// MakeDue makes every message of destination that is neither held nor
+// leased due now. Only the columns claims read change: the stored
+// metadata keeps its next attempt until the next save.
+func (s *Store) MakeDue(ctx context.Context, destination string) (int, error) {
+	if err := s.enter(); err != nil {
+		return 0, err
+	}
+	defer s.leave()
+	now := s.now()
+	var n int
+	var woke bool
+	err := s.pool.QueryRow(ctx, `
+		WITH d AS (
+			UPDATE spool_messages SET next_attempt = $2, claimable_at = $2
+			WHERE destination = $1 AND NOT held AND lease_owner IS NULL AND claimable_at > $2
+			RETURNING 1
+		)
+		SELECT count(*), spool_wake($3, count(*) > 0) FROM d`, destination, now, s.channel).Scan(&n, &woke)
+	if err != nil {
+		return 0, fmt.Errorf("postgres: make %s due: %w", destination, err)
+	}
+	if n > 0 {
+		s.signalWake()
+	}
+	return n, nil
+}
+
+// claim runs a claim statement (claimSQL or claimNextSQL, whose $5 is
+// filter) and decodes what it leased.
+func (s *Store) claim(ctx context.Context, sql string, max int, filter any) ([]store.Claim, error) {
 	if err := s.enter(); err != nil {
 		return nil, err
 	}
@@ -50,7 +116,7 @@ func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
 		meta      []byte
 		due       time.Time
 	}
-	rows, _ := s.pool.Query(ctx, claimSQL, now, max, s.node, expiry)
+	rows, _ := s.pool.Query(ctx, sql, now, max, s.node, expiry, filter)
 	got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (row, error) {
 		var x row
 		err := r.Scan(&x.id, &x.token, &x.meta, &x.due)
@@ -81,7 +147,9 @@ func (s *Store) Claim(ctx context.Context, max int) ([]store.Claim, error) {
 func (s *Store) decode(ctx context.Context, id int64, meta []byte) (*store.Message, error) {
 	m, err := store.DecodeMeta(store.ID(id), meta)
 	if err != nil {
-		s.quarantine(ctx, store.ID(id), err)
+		if !s.readOnly { // a Reader writes nothing; a node moves it aside
+			s.quarantine(ctx, store.ID(id), err)
+		}
 		return nil, fmt.Errorf("%w: message %v: %v", store.ErrCorrupt, store.ID(id), err)
 	}
 	return m, nil
@@ -215,14 +283,22 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 }
 
 // NextDue returns when the earliest message Claim could return falls due.
-func (s *Store) NextDue(ctx context.Context) (time.Time, bool, error) {
+// This node's own leases are left out: it renews them while it works and
+// ends them itself, and every write that ends one wakes this node's
+// dispatcher (endLease), which then asks again.
+func (s *Store) NextDue(ctx context.Context, skip []string) (time.Time, bool, error) {
 	if err := s.enter(); err != nil {
 		return time.Time{}, false, err
 	}
 	defer s.leave()
+	if skip == nil {
+		skip = []string{}
+	}
 	var due time.Time
-	err := s.pool.QueryRow(ctx,
-		"SELECT claimable_at FROM spool_messages WHERE NOT held ORDER BY claimable_at, id LIMIT 1").Scan(&due)
+	err := s.pool.QueryRow(ctx, `
+		SELECT claimable_at FROM spool_messages
+		WHERE NOT held AND lease_owner IS DISTINCT FROM $1 AND destination <> ALL($2)
+		ORDER BY claimable_at, id LIMIT 1`, s.node, skip).Scan(&due)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return time.Time{}, false, nil

@@ -90,7 +90,7 @@ func TestNotifications(t *testing.T) {
 	}
 
 	// Saves due later, or held, notify nothing; a release due now does.
-	cs, err := a.Claim(ctx, 3)
+	cs, err := a.Claim(ctx, 3, nil)
 	if err != nil || len(cs) != 3 {
 		t.Fatal(cs, err)
 	}
@@ -128,7 +128,7 @@ func TestRequestSurvivesTakeover(t *testing.T) {
 	if err := b.Request(ctx, id, store.RequestDelete); err != store.ErrNotLeased {
 		t.Fatalf("Request on an expired lease = %v, want ErrNotLeased", err)
 	}
-	cs, err := b.Claim(ctx, 1)
+	cs, err := b.Claim(ctx, 1, nil)
 	if err != nil || len(cs) != 1 {
 		t.Fatal(cs, err)
 	}

@@ -43,7 +43,7 @@ func TestOutage(t *testing.T) {
 	}
 	a, b := open("a"), open("b")
 	id := queueMsg(t, a, newMsg(h, "r@x.test"))
-	cs, err := a.Claim(ctx, 1)
+	cs, err := a.Claim(ctx, 1, nil)
 	if err != nil || len(cs) != 1 {
 		t.Fatal(cs, err)
 	}
@@ -58,7 +58,7 @@ func TestOutage(t *testing.T) {
 			_, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
 			return err
 		},
-		"Claim":   func(ctx context.Context) error { _, err := a.Claim(ctx, 5); return err },
+		"Claim":   func(ctx context.Context) error { _, err := a.Claim(ctx, 5, nil); return err },
 		"ClaimID": func(ctx context.Context) error { _, err := b.ClaimID(ctx, id); return err },
 		"Save":    func(ctx context.Context) error { _, err := a.Save(ctx, held.Lease, held.Message); return err },
 		"Renew":   func(ctx context.Context) error { _, err := a.Renew(ctx, []*store.Lease{held.Lease}); return err },
@@ -66,7 +66,7 @@ func TestOutage(t *testing.T) {
 		"Get":     func(ctx context.Context) error { _, err := b.Get(ctx, id); return err },
 		"Walk":    func(ctx context.Context) error { return b.Walk(ctx, func(*store.Message) error { return nil }) },
 		"Stats":   func(ctx context.Context) error { _, err := b.Stats(ctx); return err },
-		"NextDue": func(ctx context.Context) error { _, _, err := b.NextDue(ctx); return err },
+		"NextDue": func(ctx context.Context) error { _, _, err := b.NextDue(ctx, nil); return err },
 		"Content": func(ctx context.Context) error { _, err := b.Content(ctx, held.Message); return err },
 		"Quarantine": func(ctx context.Context) error {
 			b.Quarantine(ctx, id, errors.New("test"))
@@ -94,7 +94,7 @@ func TestOutage(t *testing.T) {
 	if r, err := a.Save(ctx, held.Lease, held.Message); err != nil || r != 0 {
 		t.Fatalf("Save after the restart = %v, %v", r, err)
 	}
-	cs, err = b.Claim(ctx, 5)
+	cs, err = b.Claim(ctx, 5, nil)
 	if err != nil || len(cs) != 1 || cs[0].Message.ID != id {
 		t.Fatalf("Claim after the restart = %v, %v", cs, err)
 	}

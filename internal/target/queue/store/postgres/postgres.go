@@ -84,6 +84,8 @@ type Store struct {
 	committersDone sync.WaitGroup
 	wake           chan struct{}
 	ops            chan *op
+	// readOnly is set for a Reader's handle.
+	readOnly bool
 	// reporter is set while the listener's session holds the reporter
 	// lock (see ReportsCluster); reporterKey is that advisory lock's key.
 	reporter    atomic.Bool
@@ -282,7 +284,8 @@ func (s *Store) inUse(host string, pid int, instance string) bool {
 func (s *Store) takeBack(ctx context.Context, tx pgx.Tx) error {
 	now := s.now()
 	tag, err := tx.Exec(ctx, `
-		UPDATE spool_messages SET lease_owner = NULL, lease_expiry = NULL, receiving = false, claimable_at = $2
+		UPDATE spool_messages SET lease_owner = NULL, lease_expiry = NULL, receiving = false,
+			claimable_at = least(next_attempt, $2)
 		WHERE lease_owner = $1`, s.node, now)
 	if err != nil {
 		return fmt.Errorf("postgres: take back leases: %w", err)

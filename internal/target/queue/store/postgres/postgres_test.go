@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -91,4 +92,48 @@ func TestConformance(t *testing.T) {
 			ReceiveLease: testReceiveLease,
 		}
 	})
+}
+
+// TestReader: a Reader sees what the nodes stored, leases included, and
+// neither registers a node nor writes.
+func TestReader(t *testing.T) {
+	dsn := pgtest.Database(t)
+	ctx := context.Background()
+	s, err := Open(ctx, Options{DSN: dsn, Node: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	m := &store.Message{From: "s@x.test", Arrival: time.Now(), NextAttempt: time.Now(), Rcpts: []store.Rcpt{{Addr: "r@x.test"}}}
+	l, err := s.Create(ctx, m, []byte("Subject: x\r\n\r\n"), strings.NewReader("body"), 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := OpenReader(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	got, err := r.Get(m.ID)
+	if err != nil || got.Lease == nil || !got.Lease.Receiving || got.Lease.Owner != "a" {
+		t.Fatalf("Get = %+v, %v", got, err)
+	}
+	c, err := r.Content(got)
+	if err != nil || string(c.Header) != "Subject: x\r\n\r\n" {
+		t.Fatalf("Content = %q, %v", c.Header, err)
+	}
+	n := 0
+	if err := r.Walk(func(*store.Message) error { n++; return nil }); err != nil || n != 1 {
+		t.Fatalf("Walk saw %d, %v", n, err)
+	}
+	var nodes int
+	if err := s.pool.QueryRow(ctx, "SELECT count(*) FROM spool_nodes").Scan(&nodes); err != nil || nodes != 1 {
+		t.Fatalf("%d nodes registered, %v", nodes, err)
+	}
+	if _, err := s.Commit(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenReader(ctx, pgtest.Database(t)); err == nil {
+		t.Fatal("a Reader opened a database without a spool schema")
+	}
 }

@@ -28,6 +28,7 @@ const (
 type rowLease struct {
 	owner     *string
 	expiry    *time.Time
+	token     int64
 	receiving bool
 	request   int16
 }
@@ -38,7 +39,7 @@ func (l *rowLease) info(now time.Time) *store.LeaseInfo {
 	if l.owner == nil || l.expiry == nil || !l.expiry.After(now) {
 		return nil
 	}
-	return &store.LeaseInfo{Owner: *l.owner, Expiry: *l.expiry, Receiving: l.receiving, Request: store.Request(l.request)}
+	return &store.LeaseInfo{Owner: *l.owner, Expiry: *l.expiry, Token: uint64(l.token), Receiving: l.receiving, Request: store.Request(l.request)}
 }
 
 // Get reads one message's metadata, with its lease if leased.
@@ -52,8 +53,8 @@ func (s *Store) Get(ctx context.Context, id store.ID) (*store.Message, error) {
 		l    rowLease
 	)
 	err := s.pool.QueryRow(ctx, `
-		SELECT meta, lease_owner, lease_expiry, receiving, request FROM spool_messages WHERE id = $1`,
-		int64(id)).Scan(&meta, &l.owner, &l.expiry, &l.receiving, &l.request)
+		SELECT meta, lease_owner, lease_expiry, lease_token, receiving, request FROM spool_messages WHERE id = $1`,
+		int64(id)).Scan(&meta, &l.owner, &l.expiry, &l.token, &l.receiving, &l.request)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return nil, store.ErrNotFound
@@ -84,11 +85,11 @@ func (s *Store) Walk(ctx context.Context, fn func(*store.Message) error) error {
 	var after int64
 	for {
 		rows, _ := s.pool.Query(ctx, `
-			SELECT id, meta, lease_owner, lease_expiry, receiving, request FROM spool_messages
+			SELECT id, meta, lease_owner, lease_expiry, lease_token, receiving, request FROM spool_messages
 			WHERE id > $1 ORDER BY id LIMIT $2`, after, walkPage)
 		page, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (row, error) {
 			var x row
-			err := r.Scan(&x.id, &x.meta, &x.l.owner, &x.l.expiry, &x.l.receiving, &x.l.request)
+			err := r.Scan(&x.id, &x.meta, &x.l.owner, &x.l.expiry, &x.l.token, &x.l.receiving, &x.l.request)
 			return x, err
 		})
 		if err != nil {

@@ -90,6 +90,13 @@ var migrations = []string{
 		RETURN cond;
 	END $$;
 	`,
+	// Version 2: each message's destination, for per-destination
+	// delivery: claims leave out busy destinations, a suspended one is
+	// probed and released as a whole.
+	`
+	ALTER TABLE spool_messages ADD COLUMN destination text NOT NULL DEFAULT '';
+	CREATE INDEX spool_messages_destination ON spool_messages (destination, claimable_at, id) WHERE NOT held;
+	`,
 }
 
 // schemaVersion is the schema version this build writes.

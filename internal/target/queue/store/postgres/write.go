@@ -152,8 +152,8 @@ func (s *Store) finish(ops []*op, err error) {
 
 const insertSQL = `
 INSERT INTO spool_messages (meta, arrival, next_attempt, claimable_at, held, pending, receiving,
-	lease_owner, lease_expiry, lease_token, header, body, body_len)
-VALUES ($1, $2, $3, $4, $5, $6, true, $7, $4, 1, $8, $9, $10)
+	lease_owner, lease_expiry, lease_token, header, body, body_len, destination)
+VALUES ($1, $2, $3, $4, $5, $6, true, $7, $4, 1, $8, $9, $10, $11)
 RETURNING id`
 
 // Create stores a new message leased to the caller until Commit. Content
@@ -173,7 +173,7 @@ func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, bod
 		return nil, fmt.Errorf("postgres: encode metadata: %w", err)
 	}
 	expiry := s.now().Add(s.opts.ReceiveLease)
-	args := []any{meta, m.Arrival, m.NextAttempt, expiry, m.Held, len(m.Pending()), s.node, header, nil, bodyLen}
+	args := []any{meta, m.Arrival, m.NextAttempt, expiry, m.Held, len(m.Pending()), s.node, header, nil, bodyLen, m.Destination}
 	var id int64
 	if int64(len(header))+bodyLen <= s.opts.InlineLimit {
 		inline := make([]byte, bodyLen)
@@ -268,6 +268,7 @@ UPDATE spool_messages m SET
 	next_attempt = coalesce($5, m.next_attempt),
 	held         = coalesce($6, m.held),
 	pending      = coalesce($7, m.pending),
+	destination  = coalesce($10, m.destination),
 	receiving    = false,
 	request      = 0,
 	lease_owner  = CASE WHEN old.request = 0 THEN NULL ELSE m.lease_owner END,
@@ -284,13 +285,14 @@ func (s *Store) endLease(ctx context.Context, l *store.Lease, m *store.Message) 
 		return 0, err
 	}
 	defer s.leave()
-	args := []any{int64(l.ID), int64(l.Token), nil, nil, nil, nil, nil, s.channel, s.now()}
+	args := []any{int64(l.ID), int64(l.Token), nil, nil, nil, nil, nil, s.channel, s.now(), nil}
 	if m != nil {
 		meta, err := store.EncodeMeta(m)
 		if err != nil {
 			return 0, fmt.Errorf("postgres: encode metadata: %w", err)
 		}
 		args[2], args[3], args[4], args[5], args[6] = meta, m.Arrival, m.NextAttempt, m.Held, len(m.Pending())
+		args[9] = m.Destination
 	}
 	var req int16
 	err := s.submit(ctx, &op{id: l.ID, queue: func(b *pgx.Batch, o *op) {
@@ -306,6 +308,10 @@ func (s *Store) endLease(ctx context.Context, l *store.Lease, m *store.Message) 
 	if err != nil {
 		return 0, err
 	}
+	// The message's new due time may be the earliest this node knows
+	// of; its dispatcher asks again (other nodes are notified by the
+	// statement when it is due now).
+	s.signalWake()
 	return store.Request(req), nil
 }
 

@@ -92,6 +92,9 @@ func Run(t *testing.T, newHarness func(t *testing.T) *Harness) {
 		{"WakeOnCommit", testWakeOnCommit},
 		{"Quarantine", testQuarantine},
 		{"ConcurrentClaimsExclusive", testConcurrentClaimsExclusive},
+		{"ClaimSkipsDestinations", testClaimSkipsDestinations},
+		{"ClaimNextOfDestination", testClaimNextOfDestination},
+		{"MakeDue", testMakeDue},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, newHarness(t)) })
 	}
@@ -142,7 +145,7 @@ func queue(t *testing.T, b store.Backend, m *store.Message) store.ID {
 
 func claim(t *testing.T, b store.Backend, max int) []store.Claim {
 	t.Helper()
-	cs, err := b.Claim(ctx, max)
+	cs, err := b.Claim(ctx, max, nil)
 	if err != nil {
 		t.Fatalf("Claim: %v", err)
 	}
@@ -266,7 +269,7 @@ func testClaimOrderAndLimit(t *testing.T, h *Harness) {
 
 func testNextDue(t *testing.T, h *Harness) {
 	a := h.Open(t, "a")
-	if _, ok, err := a.NextDue(ctx); err != nil || ok {
+	if _, ok, err := a.NextDue(ctx, nil); err != nil || ok {
 		t.Fatalf("NextDue on an empty store = %v, %v", ok, err)
 	}
 	m := newMessage(h, "r@x.test")
@@ -275,7 +278,7 @@ func testNextDue(t *testing.T, h *Harness) {
 	held := newMessage(h, "r@x.test")
 	held.Held = true
 	queue(t, a, held)
-	due, ok, err := a.NextDue(ctx)
+	due, ok, err := a.NextDue(ctx, nil)
 	if err != nil || !ok || !due.Equal(m.NextAttempt) {
 		t.Fatalf("NextDue = %v, %v, %v; want %v", due, ok, err, m.NextAttempt)
 	}
@@ -283,7 +286,7 @@ func testNextDue(t *testing.T, h *Harness) {
 	h.Clock.Advance(time.Hour)
 	c := claimOne(t, a, m.ID)
 	// While leased, the message is due again when its lease expires.
-	if due, ok, err := a.NextDue(ctx); err != nil || ok && due.Before(c.Lease.Expiry) {
+	if due, ok, err := a.NextDue(ctx, nil); err != nil || ok && due.Before(c.Lease.Expiry) {
 		t.Fatalf("NextDue with the only message leased = %v, %v, %v", due, ok, err)
 	}
 }
@@ -693,7 +696,7 @@ func testConcurrentClaimsExclusive(t *testing.T, h *Harness) {
 		go func() {
 			defer wg.Done()
 			for {
-				cs, err := node.Claim(ctx, 7)
+				cs, err := node.Claim(ctx, 7, nil)
 				if err != nil {
 					errs <- err
 					return
@@ -727,4 +730,102 @@ func testConcurrentClaimsExclusive(t *testing.T, h *Harness) {
 	if len(claimed) != messages {
 		t.Fatalf("%d of %d messages claimed", len(claimed), messages)
 	}
+}
+
+// queueTo queues a message of destination dest, due after wait.
+func queueTo(t *testing.T, h *Harness, b store.Backend, dest string, wait time.Duration) store.ID {
+	t.Helper()
+	m := newMessage(h, "r@"+dest)
+	m.Destination = dest
+	m.NextAttempt = h.Clock.Now().Add(wait)
+	return queue(t, b, m)
+}
+
+func testClaimSkipsDestinations(t *testing.T, h *Harness) {
+	a := h.Open(t, "a")
+	a1 := queueTo(t, h, a, "a.test", 0)
+	b1 := queueTo(t, h, a, "b.test", time.Second)
+	a2 := queueTo(t, h, a, "a.test", 2*time.Second)
+	c1 := queueTo(t, h, a, "c.test", 3*time.Second)
+	h.Clock.Advance(time.Minute)
+	if due, ok, err := a.NextDue(ctx, []string{"a.test"}); err != nil || !ok || !due.Equal(T0.Add(time.Second)) {
+		t.Fatalf("NextDue skipping a.test = %v, %v, %v; want b.test's", due, ok, err)
+	}
+	got := claimedIDs(claim2(t, a, 10, "a.test", "c.test"))
+	if fmt.Sprint(got) != fmt.Sprint([]store.ID{b1}) {
+		t.Fatalf("Claim skipping a.test and c.test = %v, want [%v]", got, b1)
+	}
+	got = claimedIDs(claim2(t, a, 10, "c.test"))
+	if fmt.Sprint(got) != fmt.Sprint([]store.ID{a1, a2}) {
+		t.Fatalf("Claim skipping c.test = %v, want [%v %v]", got, a1, a2)
+	}
+	// The destination is stored: after a restart it is still skipped.
+	h.Crash(t)
+	a = h.Open(t, "a")
+	if got := claimedIDs(claim2(t, a, 10, "b.test", "c.test")); len(got) != 2 || got[0] != a1 {
+		t.Fatalf("after a restart, Claim skipping b.test and c.test = %v, want a.test's two", got)
+	}
+	if got := claimedIDs(claim2(t, a, 10)); fmt.Sprint(got) != fmt.Sprint([]store.ID{b1, c1}) {
+		t.Fatalf("after a restart, the rest = %v, want [%v %v]", got, b1, c1)
+	}
+	if m := get(t, a, c1); m.Destination != "c.test" {
+		t.Fatalf("stored destination %q", m.Destination)
+	}
+}
+
+func claim2(t *testing.T, b store.Backend, max int, skip ...string) []store.Claim {
+	t.Helper()
+	cs, err := b.Claim(ctx, max, skip)
+	if err != nil {
+		t.Fatalf("Claim: %v", err)
+	}
+	return cs
+}
+
+func testClaimNextOfDestination(t *testing.T, h *Harness) {
+	a, b := h.Open(t, "a"), h.Open(t, "b")
+	later := queueTo(t, h, a, "a.test", 2*time.Hour)
+	sooner := queueTo(t, h, a, "a.test", time.Hour)
+	queueTo(t, h, a, "b.test", 0)
+	held := newMessage(h, "r@a.test")
+	held.Destination, held.Held = "a.test", true
+	queue(t, a, held)
+	c, err := b.ClaimNext(ctx, "a.test")
+	if err != nil || c.Message.ID != sooner || c.Lease.Owner != "b" {
+		t.Fatalf("ClaimNext = %+v, %v; want %v, not due for an hour", c.Message, err, sooner)
+	}
+	if c2, err := a.ClaimNext(ctx, "a.test"); err != nil || c2.Message.ID != later {
+		t.Fatalf("second ClaimNext = %v, %v; want %v", c2.Message, err, later)
+	}
+	if _, err := a.ClaimNext(ctx, "a.test"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("ClaimNext with only leased and held messages left = %v, want ErrNotFound", err)
+	}
+	if _, err := a.ClaimNext(ctx, "nowhere.test"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("ClaimNext of an unknown destination = %v", err)
+	}
+	save(t, b, c.Lease, c.Message)
+}
+
+func testMakeDue(t *testing.T, h *Harness) {
+	a := h.Open(t, "a")
+	x := queueTo(t, h, a, "a.test", time.Hour)
+	y := queueTo(t, h, a, "a.test", 2*time.Hour)
+	leased := queueTo(t, h, a, "a.test", 0)
+	other := queueTo(t, h, a, "b.test", time.Hour)
+	held := newMessage(h, "r@a.test")
+	held.Destination, held.Held = "a.test", true
+	queue(t, a, held)
+	c, err := a.ClaimID(ctx, leased)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := a.MakeDue(ctx, "a.test")
+	if err != nil || n != 2 {
+		t.Fatalf("MakeDue = %d, %v; want 2 (not the held or the leased one)", n, err)
+	}
+	got := claimedIDs(claim2(t, a, 10))
+	if fmt.Sprint(got) != fmt.Sprint([]store.ID{x, y}) && fmt.Sprint(got) != fmt.Sprint([]store.ID{y, x}) {
+		t.Fatalf("Claim after MakeDue = %v, want %v and %v (not %v of b.test)", got, x, y, other)
+	}
+	save(t, a, c.Lease, c.Message)
 }
