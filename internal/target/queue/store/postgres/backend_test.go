@@ -590,3 +590,86 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("%d messages stored, want %d", n, senders-1)
 	}
 }
+
+// TestClaimReadsContent checks that an attempt reads a claimed inline
+// message's content from what its claim returned, with no statement of
+// its own, that a chunked one is read from the database, and that what is
+// kept goes when the lease ends, however it ends.
+func TestClaimReadsContent(t *testing.T) {
+	h := newHarness(t)
+	s := h.openWith(t, func() Options { o := h.options(t, "a"); o.InlineLimit = 1 << 10; return o }())
+	large := strings.Repeat("0123456789abcde\n", 128) // 2 KiB: past InlineLimit, chunked
+	for i := 0; i < 5; i++ {
+		queueMsg(t, s, newMsg(h, "r@x.test"))
+	}
+	m := newMsg(h, "large@x.test")
+	l, err := s.Create(ctx, m, []byte(hdr), strings.NewReader(large), int64(len(large)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Commit(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := s.Claim(ctx, 10, nil)
+	if err != nil || len(cs) != 6 {
+		t.Fatalf("Claim = %d claims, %v", len(cs), err)
+	}
+	kept := func() int {
+		s.claimed.mu.Lock()
+		defer s.claimed.mu.Unlock()
+		return len(s.claimed.m)
+	}
+	if n := kept(); n != 5 {
+		t.Fatalf("content kept for %d claimed messages, want the 5 inline ones", n)
+	}
+	// Were the content read from the database now, it would be this.
+	h.exec(t, "UPDATE spool_messages SET header = 'X: changed\r\n\r\n'::bytea")
+	read := func(m *store.Message) (string, string) {
+		t.Helper()
+		c, err := s.Content(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := c.Body.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		b, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(c.Header), string(b)
+	}
+	if hd, b := read(cs[0].Message); hd != hdr || b != "body\r\n" {
+		t.Fatalf("claimed content = %q, %q; want what the claim read", hd, b)
+	}
+	if hd, b := read(cs[5].Message); hd == hdr || b != large {
+		t.Fatalf("chunked content = %q, %d bytes; want the database's, %d bytes", hd, len(b), len(large))
+	}
+	if n := kept(); n != 4 {
+		t.Fatalf("content kept after one was read: %d, want 4", n)
+	}
+	if _, err := s.Release(ctx, cs[1].Lease); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Save(ctx, cs[2].Lease, cs[2].Message); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(ctx, cs[3].Lease); err != nil {
+		t.Fatal(err)
+	}
+	h.clock.Advance(testLease + time.Second)
+	if _, err := h.openNode(t, "b").Claim(ctx, 10, nil); err != nil {
+		t.Fatal(err)
+	}
+	if lost, err := s.Renew(ctx, []*store.Lease{cs[4].Lease}); err != nil || len(lost) != 1 {
+		t.Fatalf("Renew of a lease taken over = %v, %v", lost, err)
+	}
+	if n := kept(); n != 0 {
+		t.Fatalf("content kept after every lease ended: %d", n)
+	}
+	if hd, _ := read(cs[4].Message); hd == hdr {
+		t.Fatal("content of a lost lease read from what its claim returned")
+	}
+}

@@ -94,7 +94,9 @@
 // A larger Create runs in a transaction of its own: it inserts the row,
 // then COPYs the body into spool_chunks, reading it from the io.Reader one
 // chunk at a time into one buffer; a 50 MB message is never in memory
-// whole. Content reads the header (and an inline body); Body.Open reads a
+// whole. A claim returns the header and inline body of each message it
+// leases, and the attempt's Content takes them from there; otherwise
+// Content reads the header (and an inline body); Body.Open reads a
 // chunked body one chunk per statement, holding no connection between
 // chunks.
 //

@@ -91,6 +91,10 @@ type Store struct {
 	reporter    atomic.Bool
 	reporterKey int64
 	batches     atomic.Int64 // batches sent, for tests
+	// claimed keeps the content of inline messages this handle claimed,
+	// read by the claim itself, until Content takes it or the lease ends
+	// (see claimedContent).
+	claimed claimedContent
 
 	closeMu   sync.Mutex
 	closed    bool

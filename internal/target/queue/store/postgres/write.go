@@ -285,6 +285,7 @@ func (s *Store) endLease(ctx context.Context, l *store.Lease, m *store.Message) 
 		return 0, err
 	}
 	defer s.leave()
+	s.claimed.forget(l.ID)
 	args := []any{int64(l.ID), int64(l.Token), nil, nil, nil, nil, nil, s.channel, s.now(), nil}
 	if m != nil {
 		meta, err := store.EncodeMeta(m)
@@ -347,6 +348,7 @@ func (s *Store) Delete(ctx context.Context, l *store.Lease) error {
 		return err
 	}
 	defer s.leave()
+	s.claimed.forget(l.ID)
 	return s.submit(ctx, &op{id: l.ID, queue: func(b *pgx.Batch, o *op) {
 		b.Queue(deleteSQL, int64(l.ID), int64(l.Token)).QueryRow(func(r pgx.Row) error {
 			var n int
