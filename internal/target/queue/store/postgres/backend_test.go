@@ -673,3 +673,110 @@ func TestClaimReadsContent(t *testing.T) {
 		t.Fatal("content of a lost lease read from what its claim returned")
 	}
 }
+
+// TestLazyCommitScope checks what Create's lazy commit rests on: in a
+// batch (one implicit transaction), lazyCommitSQL turns
+// synchronous_commit off for the statements after it, and for that
+// transaction only.
+func TestLazyCommitScope(t *testing.T) {
+	h := newHarness(t)
+	conn := h.db(t)
+	setting := func(r pgx.Row) string {
+		var v string
+		if err := r.Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	b := &pgx.Batch{}
+	b.Queue(lazyCommitSQL)
+	b.Queue("SELECT current_setting('synchronous_commit')")
+	res := conn.SendBatch(ctx, b)
+	if _, err := res.Exec(); err != nil {
+		t.Fatal(err)
+	}
+	if v := setting(res.QueryRow()); v != "off" {
+		t.Fatalf("synchronous_commit in the lazy batch = %q, want off", v)
+	}
+	if err := res.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if v := setting(conn.QueryRow(ctx, "SELECT current_setting('synchronous_commit')")); v != "on" {
+		t.Fatalf("synchronous_commit after the lazy batch = %q, want on", v)
+	}
+}
+
+// TestLazyBatchesApart checks that creates (lazy) and lease-ending writes
+// (waiting for their flush) sent together are never in one batch, so no
+// Commit, Save, Release or Delete commits lazily, and that all of them are
+// written.
+func TestLazyBatchesApart(t *testing.T) {
+	h := newHarness(t)
+	var (
+		mu      sync.Mutex
+		batches [][]bool
+	)
+	opts := h.options(t, "a")
+	opts.onBatch = func(ops []*op) {
+		var lazy []bool
+		for _, o := range ops {
+			lazy = append(lazy, o.lazy)
+		}
+		mu.Lock()
+		batches = append(batches, lazy)
+		mu.Unlock()
+	}
+	a := h.openWith(t, opts)
+	const n = 64
+	leases := make([]*store.Lease, n)
+	for i := range leases {
+		l, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases[i] = l
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*n)
+	for i := 0; i < n; i++ {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			_, err := a.Commit(ctx, leases[i])
+			errs <- err
+		}()
+		go func() {
+			defer wg.Done()
+			_, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	lazyOps, syncOps := 0, 0
+	for _, b := range batches {
+		for _, lazy := range b {
+			if lazy != b[0] {
+				t.Fatalf("a batch mixes lazy and waiting writes: %v", b)
+			}
+			if lazy {
+				lazyOps++
+			} else {
+				syncOps++
+			}
+		}
+	}
+	if lazyOps != 2*n || syncOps != n {
+		t.Fatalf("%d lazy and %d waiting writes sent, want %d creates and %d commits", lazyOps, syncOps, 2*n, n)
+	}
+	if got := h.queryInt(t, "SELECT count(*) FROM spool_messages WHERE NOT receiving"); got != n {
+		t.Fatalf("%d messages committed, want %d", got, n)
+	}
+}

@@ -102,12 +102,15 @@
 //
 // # Durability
 //
-// Create returns nil only after the transaction inserting the message
-// committed, which with the server's default settings (fsync = on,
-// synchronous_commit = on) means its WAL was flushed to disk: the message
-// survives a crash of the node and of the database server, and the
-// client may be given 250. The same holds for every other write when it
-// returns. Server settings weaken this promise for every client of that
+// Commit returns nil only after its transaction committed, which with
+// the server's default settings (fsync = on, synchronous_commit = on)
+// means its WAL was flushed to disk, and with it the WAL of the Create
+// before it: the message survives a crash of the node and of the
+// database server, and the client may be given 250. The same holds for
+// every other write when it returns, except Create itself, which commits
+// without waiting for the flush (see Store.Create): until Commit, the
+// client has not been answered, and a database server crash may lose the
+// message. Server settings weaken this promise for every client of that
 // server, and this package cannot detect them:
 //
 //   - synchronous_commit = off: a commit returns before its WAL is

@@ -64,6 +64,9 @@ type Options struct {
 	// onListen, if set (by tests), is called each time the listener has
 	// (re)started listening.
 	onListen func()
+	// onBatch, if set (by tests), is called with the ops of each batch
+	// before it is sent.
+	onBatch func(ops []*op)
 }
 
 // Store is one node's handle on a PostgreSQL spool. It implements
