@@ -780,3 +780,36 @@ func TestLazyBatchesApart(t *testing.T) {
 		t.Fatalf("%d messages committed, want %d", got, n)
 	}
 }
+
+// TestOwnNotificationsIgnored checks that a handle tells its own
+// notifications (its writes have woken it already) from another node's,
+// which wake it.
+func TestOwnNotificationsIgnored(t *testing.T) {
+	h := newHarness(t)
+	type seen struct {
+		node string
+		own  bool
+	}
+	notes := make(chan seen, 16)
+	open := func(node string) *Store {
+		opts := h.options(t, node)
+		opts.PollInterval = time.Hour // only notifications and own writes wake
+		opts.onNotify = func(own bool) { notes <- seen{node, own} }
+		return h.openWith(t, opts)
+	}
+	a, b := open("a"), open("b")
+	drain(a.Wake())
+	drain(b.Wake())
+	queueMsg(t, a, newMsg(h, "r@x.test"))
+	got := map[string]bool{}
+	for len(got) < 2 {
+		n := <-notes
+		got[n.node] = n.own
+	}
+	if !got["a"] || got["b"] {
+		t.Fatalf("own notification as seen by a: %v, by b: %v; want true, false", got["a"], got["b"])
+	}
+	// a was woken by its own commit, b by a's notification.
+	<-a.Wake()
+	<-b.Wake()
+}

@@ -197,9 +197,13 @@
 // take-back) calls pg_notify in its RETURNING clause, through the function
 // spool_wake; PostgreSQL delivers identical notifications of one
 // transaction once, so a batch notifies once however many messages it
-// made claimable. Wake fires on each notification, after each reconnection of
-// the listener (notifications sent meanwhile are lost), and every
-// PollInterval as a fallback; a poll only signals Wake. The idle listener
+// made claimable. A handle's own writes signal its Wake directly, and the
+// listener ignores the notifications of its own sessions (by backend
+// PID); another node's notification fires Wake 25 ms later, gathering a
+// burst into one wake-up and letting the node that made the message
+// claimable claim it first (see remoteWakeDelay). Wake also fires after
+// each reconnection of the listener (notifications sent meanwhile are
+// lost), and every PollInterval as a fallback; a poll only signals Wake. The idle listener
 // is pinged every 15 s so that a dead connection is noticed.
 //
 // LISTEN belongs to a session: through PgBouncer (or another pooler) in
