@@ -5,9 +5,52 @@ import (
 	"math"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if testPGServer != nil {
+		testPGServer.Close()
+	}
+	os.Exit(code)
+}
+
+var (
+	testPGOnce   sync.Once
+	testPGServer *PGServer
+	testPGErr    error
+)
+
+// testPG returns the package's PostgreSQL cluster, started on first use;
+// it skips t when PostgreSQL is not installed (fails under CI).
+func testPG(t *testing.T) *PGServer {
+	t.Helper()
+	pgtest.Require(t)
+	testPGOnce.Do(func() { testPGServer, testPGErr = StartPG(nil) })
+	if testPGErr != nil {
+		t.Fatal(testPGErr)
+	}
+	return testPGServer
+}
+
+// testLoc is a fresh place for a queue of kind: a temporary directory, or
+// a new database.
+func testLoc(t *testing.T, kind Kind) string {
+	t.Helper()
+	if !kind.InDatabase() {
+		return t.TempDir()
+	}
+	dsn, err := testPG(t).NewDatabase(t.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dsn
+}
 
 func TestPercentile(t *testing.T) {
 	ms := func(v ...int) []time.Duration {
@@ -55,33 +98,50 @@ func TestMedian(t *testing.T) {
 	}
 }
 
-func TestTablePrintsRatio(t *testing.T) {
+func TestTablePrintsRatios(t *testing.T) {
 	var tb Table
 	tb.Section("s")
 	f := tb.Figure("rate", "msg/s")
 	f.Add(Maddy, 100)
 	f.Add(Maddy, 300)
 	f.Add(Spool, 800)
+	f.Add(SpoolPG, 400)
+	only := tb.Figure("pgonly", "")
+	only.Add(SpoolPG, 7)
 	d := tb.Figure("disk", "ops/s")
 	d.Shared = true
 	d.Add(Maddy, 42)
 	var out strings.Builder
 	tb.Print(&out)
-	lines := strings.Split(out.String(), "\n")
-	var rate, disk string
-	for _, l := range lines {
-		switch {
-		case strings.HasPrefix(l, "rate"):
-			rate = l
-		case strings.HasPrefix(l, "disk"):
-			disk = l
+	rows := map[string][]string{}
+	for _, l := range strings.Split(out.String(), "\n") {
+		if fields := strings.Fields(l); len(fields) > 0 {
+			rows[fields[0]] = fields
 		}
 	}
-	if fields := strings.Fields(rate); len(fields) < 5 || fields[2] != "200.0" || fields[3] != "800.0" || fields[4] != "4.00" {
-		t.Errorf("rate row = %q, want median 200.0, 800.0 and ratio 4.00", rate)
+	// name, unit, maddy, spool, spool-pg, spool/maddy, pg/maddy, pg/spool, rounds...
+	want := map[string][]string{
+		"rate":   {"rate", "(msg/s)", "200.0", "800.0", "400.0", "4.00", "2.00", "0.50"},
+		"pgonly": {"pgonly", "-", "-", "7.00", "-", "-", "-"},
+		"disk":   {"disk", "(ops/s)", "42.0", "42.0", "42.0", "-", "-", "-"},
 	}
-	if fields := strings.Fields(disk); len(fields) < 5 || fields[2] != "42.0" || fields[3] != "42.0" || fields[4] != "-" {
-		t.Errorf("disk row = %q, want 42.0 in both columns and no ratio", disk)
+	for name, w := range want {
+		got := rows[name]
+		if len(got) < len(w) || strings.Join(got[:len(w)], " ") != strings.Join(w, " ") {
+			t.Errorf("%s row = %q, want it to start with %q", name, got, w)
+		}
+	}
+	if h := rows["figure"]; len(h) < 7 || h[1] != "maddy" || h[3] != "spool-pg" || h[6] != "pg/spool" {
+		t.Errorf("header = %q", h)
+	}
+}
+
+func TestFigureNotesAppend(t *testing.T) {
+	var f Figure
+	f.AddNote("a %d", 1)
+	f.AddNote("b")
+	if f.Note != "a 1; b" {
+		t.Errorf("note %q", f.Note)
 	}
 }
 
@@ -108,6 +168,17 @@ func TestReadCPUTimeAndMemStatus(t *testing.T) {
 	if m.RSS <= 0 || m.RSSAnon <= 0 || m.HWM < m.RSS {
 		t.Errorf("implausible memory status %+v", m)
 	}
+	if c := SelfCPU(); c <= 0 {
+		t.Errorf("SelfCPU %v after a busy loop", c)
+	}
+	// A child that burns CPU and is waited for counts in the tree.
+	before, err := TreeCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before < u+s {
+		t.Errorf("TreeCPU %v < own CPU %v", before, u+s)
+	}
 }
 
 // TestQueuesDeliverThroughNullTarget builds both modules through the
@@ -116,7 +187,7 @@ func TestReadCPUTimeAndMemStatus(t *testing.T) {
 func TestQueuesDeliverThroughNullTarget(t *testing.T) {
 	for _, kind := range Kinds {
 		t.Run(string(kind), func(t *testing.T) {
-			q, err := OpenQueue(kind, t.TempDir(), QueueOptions{MaxParallelism: 2})
+			q, err := OpenQueue(kind, testLoc(t, kind), QueueOptions{MaxParallelism: 2})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -144,9 +215,10 @@ func TestQueuesDeliverThroughNullTarget(t *testing.T) {
 // format and checks that the module loads it without delivering it, then
 // a due one that it delivers.
 func TestGeneratedBacklogLoads(t *testing.T) {
+	t.Parallel()
 	for _, kind := range Kinds {
 		t.Run(string(kind), func(t *testing.T) {
-			dir := t.TempDir()
+			dir := testLoc(t, kind)
 			if _, err := Generate(kind, dir, Backlog{N: 20, BodySize: 100, Due: true}); err != nil {
 				t.Fatal(err)
 			}

@@ -30,21 +30,56 @@ type Backlog struct {
 	Due bool
 }
 
-// Generate writes b into dir in kind's format and flushes the file system
-// (sync) so the write-back does not disturb what is measured next.
-func Generate(kind Kind, dir string, b Backlog) (time.Duration, error) {
+// Generate writes b into loc in kind's format (for SpoolPG, loc is the
+// DSN of its database) and flushes the file system (sync; for SpoolPG a
+// CHECKPOINT first) so the write-back does not disturb what is measured
+// next.
+func Generate(kind Kind, loc string, b Backlog) (time.Duration, error) {
 	start := time.Now()
 	var err error
-	if kind == Spool {
-		err = generateSpool(dir, b)
-	} else {
-		err = generateMaddy(dir, b)
+	switch kind {
+	case Spool:
+		err = generateSpool(loc, b)
+	case SpoolPG:
+		err = generatePG(loc, b)
+	default:
+		err = generateMaddy(loc, b)
 	}
 	if err != nil {
 		return 0, err
 	}
 	syscall.Sync()
 	return time.Since(start), nil
+}
+
+// backlogMessage is generated message id as Spool stores it: arrived an
+// hour ago, tried once, due at next.
+func backlogMessage(id string, arrival, next time.Time) (*store.Message, []byte, error) {
+	var hdr bytes.Buffer
+	if err := textproto.WriteHeader(&hdr, Header(id, arrival)); err != nil {
+		return nil, nil, err
+	}
+	return &store.Message{
+		MsgID:       id,
+		From:        Sender,
+		Arrival:     arrival,
+		NextAttempt: next,
+		LastAttempt: arrival,
+		Attempts:    1,
+		Rcpts: []store.Rcpt{{Addr: Rcpt(0), Tries: 1, LastAttempt: arrival,
+			LastError: &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 0, 0}, Message: "try later", Temporary: true}}},
+	}, hdr.Bytes(), nil
+}
+
+// backlogTimes are the arrival and next attempt of generated messages.
+func backlogTimes(b Backlog) (arrival, next time.Time) {
+	now := time.Now()
+	arrival = now.Add(-time.Hour)
+	next = now.Add(24 * time.Hour)
+	if b.Due {
+		next = now.Add(-time.Minute)
+	}
+	return arrival, next
 }
 
 // generateWorkers is how many goroutines write entries at once.
@@ -55,35 +90,27 @@ func generateSpool(dir string, b Backlog) error {
 	if err != nil {
 		return err
 	}
-	now := time.Now()
-	arrival := now.Add(-time.Hour)
-	next := now.Add(24 * time.Hour)
-	if b.Due {
-		next = now.Add(-time.Minute)
-	}
-	body := Body(b.BodySize)
-	genErr := forEach(b.N, generateWorkers, func(i int) error {
-		id := "g" + strconv.Itoa(i)
-		var hdr bytes.Buffer
-		if err := textproto.WriteHeader(&hdr, Header(id, arrival)); err != nil {
-			return err
-		}
-		m := &store.Message{
-			MsgID:       id,
-			From:        Sender,
-			Arrival:     arrival,
-			NextAttempt: next,
-			LastAttempt: arrival,
-			Attempts:    1,
-			Rcpts: []store.Rcpt{{Addr: Rcpt(0), Tries: 1, LastAttempt: arrival,
-				LastError: &store.SMTPStatus{Code: 451, Enhanced: [3]int{4, 0, 0}, Message: "try later", Temporary: true}}},
-		}
-		return st.Create(context.Background(), m, hdr.Bytes(), bytes.NewReader(body), int64(len(body)))
+	genErr := generateMessages(b, func(m *store.Message, hdr, body []byte) error {
+		return st.Create(context.Background(), m, hdr, bytes.NewReader(body), int64(len(body)))
 	})
 	if err := st.Close(); genErr == nil {
 		genErr = err
 	}
 	return genErr
+}
+
+// generateMessages calls create for each message of b (as Spool stores
+// it, with its header block and body) from generateWorkers goroutines.
+func generateMessages(b Backlog, create func(m *store.Message, hdr, body []byte) error) error {
+	arrival, next := backlogTimes(b)
+	body := Body(b.BodySize)
+	return forEach(b.N, generateWorkers, func(i int) error {
+		m, hdr, err := backlogMessage("g"+strconv.Itoa(i), arrival, next)
+		if err != nil {
+			return err
+		}
+		return create(m, hdr, body)
+	})
 }
 
 // maddyQueueMeta mirrors the JSON that maddy 0.8.1's target.queue keeps in

@@ -23,43 +23,65 @@ import (
 	spool "github.com/maddy-spool/spool/internal/target/queue"
 )
 
-// Kind names one of the two queue modules under test.
+// Kind names one of the queue configurations under test.
 type Kind string
 
 const (
 	// Maddy is maddy 0.8.1's built-in target.queue, the anchor.
 	Maddy Kind = "maddy"
-	// Spool is target.spool.
+	// Spool is target.spool on its default, embedded store.
 	Spool Kind = "spool"
+	// SpoolPG is target.spool on the shared PostgreSQL store
+	// (store postgres { dsn ...; node ... }).
+	SpoolPG Kind = "spool-pg"
 )
 
-// Kinds lists both modules in the order they are measured in each round.
-var Kinds = []Kind{Maddy, Spool}
+// Kinds lists the configurations in the order they are measured in each
+// round.
+var Kinds = []Kind{Maddy, Spool, SpoolPG}
 
 // ModName is the name the module registers under in maddy.
 func (k Kind) ModName() string {
-	if k == Spool {
+	if k == Spool || k == SpoolPG {
 		return spool.ModName
 	}
 	return "target.queue"
 }
 
-// QueueOptions are the directives set identically on both modules.
+// InDatabase reports whether the kind keeps its queue in PostgreSQL: its
+// location is then a DSN, not a directory.
+func (k Kind) InDatabase() bool { return k == SpoolPG }
+
+// QueueOptions are the directives set identically on every module, and
+// the PostgreSQL store's own.
 type QueueOptions struct {
 	// MaxParallelism is max_parallelism (deliveries at once); default 16.
 	MaxParallelism int
+	// Node is the store's node name (SpoolPG only; default "bench").
+	Node string
+	// Lease is the store's lease (SpoolPG only; default: the module's).
+	Lease time.Duration
+	// Null, if set, is the nested target instead of a new one: several
+	// queues (nodes sharing one database) can deliver to one null target,
+	// which then counts for all of them. The caller releases it.
+	Null *NullTarget
+	// TrackIDs makes a new null target count deliveries per Message-ID,
+	// so that duplicates can be told (NullTarget.Duplicates).
+	TrackIDs bool
 }
 
 // Queue is one instance of a queue module, with the null target behind it.
 type Queue struct {
-	Kind   Kind
+	Kind Kind
+	// Dir is the queue's directory, or for SpoolPG its DSN.
 	Dir    string
 	Target module.DeliveryTarget
 	Null   *NullTarget
 	// InitTook is how long the module's Init took.
 	InitTook time.Duration
 
-	mod module.Module
+	mod     module.Module
+	ownNull bool
 }
 
 var instanceSeq atomic.Int64
@@ -68,50 +90,81 @@ var instanceSeq atomic.Int64
 // built in code:
 //
 //	target.queue|target.spool bench_N {
-//	    location DIR
+//	    location DIR                       # maddy, spool
 //	    hostname bench.example
 //	    max_parallelism P
 //	    target bench.null bench_N
+//	    store postgres {                   # spool-pg
+//	        dsn DSN
+//	        node NODE
+//	        lease LEASE                    # if opts.Lease is set
+//	    }
 //	}
-func OpenQueue(kind Kind, dir string, opts QueueOptions) (*Queue, error) {
+//
+// loc is the queue's directory, or for SpoolPG the DSN of its database.
+func OpenQueue(kind Kind, loc string, opts QueueOptions) (*Queue, error) {
 	if opts.MaxParallelism == 0 {
 		opts.MaxParallelism = 16
+	}
+	if opts.Node == "" {
+		opts.Node = "bench"
 	}
 	factory := module.Get(kind.ModName())
 	if factory == nil {
 		return nil, fmt.Errorf("bench: module %s is not registered", kind.ModName())
 	}
 	inst := "bench_" + strconv.FormatInt(instanceSeq.Add(1), 10)
-	null := NewNullTarget(inst)
+	null, ownNull := opts.Null, false
+	if null == nil {
+		null, ownNull = NewNullTarget(inst), true
+		if opts.TrackIDs {
+			null.TrackIDs()
+		}
+	}
+	release := func() {
+		if ownNull {
+			null.Release()
+		}
+	}
 	mod, err := factory(kind.ModName(), inst, nil, nil)
 	if err != nil {
-		null.Release()
+		release()
 		return nil, err
 	}
-	node := config.Node{
-		Name: kind.ModName(),
-		Args: []string{inst},
-		File: "spool-bench",
-		Line: 1,
-		Children: []config.Node{
-			{Name: "location", Args: []string{dir}, File: "spool-bench", Line: 2},
-			{Name: "hostname", Args: []string{"bench.example"}, File: "spool-bench", Line: 3},
-			{Name: "max_parallelism", Args: []string{strconv.Itoa(opts.MaxParallelism)}, File: "spool-bench", Line: 4},
-			{Name: "target", Args: []string{NullModName, inst}, File: "spool-bench", Line: 5},
-		},
+	line := 1
+	dir := func(name string, args ...string) config.Node {
+		line++
+		return config.Node{Name: name, Args: args, File: "spool-bench", Line: line}
 	}
+	var children []config.Node
+	if !kind.InDatabase() {
+		children = append(children, dir("location", loc))
+	}
+	children = append(children,
+		dir("hostname", "bench.example"),
+		dir("max_parallelism", strconv.Itoa(opts.MaxParallelism)),
+		dir("target", NullModName, null.key))
+	if kind.InDatabase() {
+		st := dir("store", "postgres")
+		st.Children = []config.Node{dir("dsn", loc), dir("node", opts.Node)}
+		if opts.Lease > 0 {
+			st.Children = append(st.Children, dir("lease", opts.Lease.String()))
+		}
+		children = append(children, st)
+	}
+	node := config.Node{Name: kind.ModName(), Args: []string{inst}, File: "spool-bench", Line: 1, Children: children}
 	start := time.Now()
 	if err := mod.Init(config.NewMap(map[string]interface{}{}, node)); err != nil {
-		null.Release()
+		release()
 		return nil, fmt.Errorf("bench: %s Init: %w", kind.ModName(), err)
 	}
 	took := time.Since(start)
 	target, ok := mod.(module.DeliveryTarget)
 	if !ok {
-		null.Release()
+		release()
 		return nil, fmt.Errorf("bench: %s is not a delivery target", kind.ModName())
 	}
-	return &Queue{Kind: kind, Dir: dir, Target: target, Null: null, InitTook: took, mod: mod}, nil
+	return &Queue{Kind: kind, Dir: loc, Target: target, Null: null, InitTook: took, mod: mod, ownNull: ownNull}, nil
 }
 
 // WaitLoaded blocks until every stored message is scheduled. maddy's Init
@@ -122,9 +175,12 @@ func (q *Queue) WaitLoaded() {
 	}
 }
 
-// Close closes the module and forgets its null target.
+// Close closes the module and forgets its null target (unless it was
+// given in QueueOptions.Null).
 func (q *Queue) Close() error {
-	defer q.Null.Release()
+	if q.ownNull {
+		defer q.Null.Release()
+	}
 	if c, ok := q.mod.(io.Closer); ok {
 		return c.Close()
 	}

@@ -65,6 +65,8 @@ type NullTarget struct {
 	last      time.Time
 	// waiters are woken whenever delivered reaches their count.
 	waiters []waiter
+	// ids counts deliveries per Message-ID once TrackIDs was called.
+	ids map[string]int
 }
 
 type waiter struct {
@@ -106,6 +108,28 @@ func (t *NullTarget) Start(ctx context.Context, meta *module.MsgMetadata, from s
 	return &nullDelivery{t: t}, nil
 }
 
+// TrackIDs makes the target count deliveries per Message-ID from now on,
+// for Duplicates. Call it before deliveries start.
+func (t *NullTarget) TrackIDs() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ids == nil {
+		t.ids = map[string]int{}
+	}
+}
+
+// Duplicates is the number of deliveries of a Message-ID that had been
+// delivered before (0 unless TrackIDs was called).
+func (t *NullTarget) Duplicates() int64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var n int64
+	for _, c := range t.ids {
+		n += int64(c - 1)
+	}
+	return n
+}
+
 // Latencies returns the latency samples recorded so far.
 func (t *NullTarget) Latencies() []time.Duration {
 	t.mu.Lock()
@@ -145,6 +169,7 @@ type nullDelivery struct {
 	t      *NullTarget
 	rcpts  int
 	sent   time.Time
+	msgID  string
 	closed bool
 }
 
@@ -159,6 +184,7 @@ func (d *nullDelivery) Body(_ context.Context, h textproto.Header, body buffer.B
 			d.sent = time.Unix(0, ns)
 		}
 	}
+	d.msgID = h.Get("Message-ID")
 	r, err := body.Open()
 	if err != nil {
 		return err
@@ -184,6 +210,9 @@ func (d *nullDelivery) Commit(context.Context) error {
 		t.first = now
 	}
 	t.last = now
+	if t.ids != nil {
+		t.ids[d.msgID]++
+	}
 	n := t.delivered.Add(1)
 	kept := t.waiters[:0]
 	for _, w := range t.waiters {

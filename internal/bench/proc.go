@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -62,27 +63,83 @@ const clockTicks = 100
 // ReadCPUTime returns user and system CPU time of process pid from
 // /proc/PID/stat.
 func ReadCPUTime(pid int) (user, system time.Duration, err error) {
+	st, err := readProcStat(pid)
+	return st.user, st.system, err
+}
+
+// procStat is what this package reads from /proc/PID/stat.
+type procStat struct {
+	ppid int
+	// user and system are the process's own CPU time; childUser and
+	// childSystem those of its children it has waited for.
+	user, system, childUser, childSystem time.Duration
+}
+
+func readProcStat(pid int) (procStat, error) {
+	var st procStat
 	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, 0, err
+		return st, err
 	}
 	// The command name is in parentheses and may contain spaces; fields
 	// are counted after its closing parenthesis.
 	s := string(data)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, 0, fmt.Errorf("unexpected /proc/%d/stat: %q", pid, s)
+		return st, fmt.Errorf("unexpected /proc/%d/stat: %q", pid, s)
 	}
 	fields := strings.Fields(s[i+1:])
-	// fields[0] is field 3 (state); utime is field 14, stime field 15.
-	if len(fields) < 13 {
-		return 0, 0, fmt.Errorf("short /proc/%d/stat: %q", pid, s)
+	// fields[0] is field 3 (state); ppid is field 4, utime field 14,
+	// stime 15, cutime 16, cstime 17.
+	if len(fields) < 15 {
+		return st, fmt.Errorf("short /proc/%d/stat: %q", pid, s)
 	}
-	ut, err1 := strconv.ParseInt(fields[11], 10, 64)
-	st, err2 := strconv.ParseInt(fields[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, 0, fmt.Errorf("unexpected /proc/%d/stat: %q", pid, s)
+	var v [5]int64
+	for k, f := range []int{1, 11, 12, 13, 14} {
+		if v[k], err = strconv.ParseInt(fields[f], 10, 64); err != nil {
+			return st, fmt.Errorf("unexpected /proc/%d/stat: %q", pid, s)
+		}
 	}
 	tick := time.Second / clockTicks
-	return time.Duration(ut) * tick, time.Duration(st) * tick, nil
+	st.ppid = int(v[0])
+	st.user, st.system = time.Duration(v[1])*tick, time.Duration(v[2])*tick
+	st.childUser, st.childSystem = time.Duration(v[3])*tick, time.Duration(v[4])*tick
+	return st, nil
+}
+
+// TreeCPU is the CPU time (user plus system) of process pid, of its
+// children running now, and of those that ended and were waited for: the
+// whole of a server that forks a process per connection, as PostgreSQL
+// does. Grandchildren are not counted.
+func TreeCPU(pid int) (time.Duration, error) {
+	root, err := readProcStat(pid)
+	if err != nil {
+		return 0, err
+	}
+	total := root.user + root.system + root.childUser + root.childSystem
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range ents {
+		child, err := strconv.Atoi(e.Name())
+		if err != nil || child == pid {
+			continue
+		}
+		st, err := readProcStat(child)
+		if err != nil || st.ppid != pid {
+			continue // gone meanwhile, or not a child
+		}
+		total += st.user + st.system
+	}
+	return total, nil
+}
+
+// SelfCPU is this process's CPU time, user plus system.
+func SelfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -48,7 +48,7 @@ type Figure struct {
 	// Note is printed after the row (e.g. a timeout or a check's result).
 	Note string
 	// Shared marks a figure that is not about a module (a disk probe): it
-	// is printed in both columns, without a ratio.
+	// is printed in every column, without a ratio.
 	Shared bool
 }
 
@@ -58,6 +58,15 @@ func (f *Figure) Add(kind Kind, v float64) {
 		f.Samples = map[Kind][]float64{}
 	}
 	f.Samples[kind] = append(f.Samples[kind], v)
+}
+
+// AddNote appends to the figure's note.
+func (f *Figure) AddNote(format string, args ...interface{}) {
+	n := fmt.Sprintf(format, args...)
+	if f.Note != "" {
+		n = f.Note + "; " + n
+	}
+	f.Note = n
 }
 
 // Value is the median of kind's samples.
@@ -89,10 +98,27 @@ func (t *Table) Figure(name, unit string) *Figure {
 	return f
 }
 
-// Print writes the table: per figure the median over rounds of maddy and
-// Spool, and Spool/maddy.
+// Ratios are the ratio columns of the table, numerator over denominator.
+var Ratios = []struct {
+	Name     string
+	Num, Den Kind
+}{
+	{"spool/maddy", Spool, Maddy},
+	{"pg/maddy", SpoolPG, Maddy},
+	{"pg/spool", SpoolPG, Spool},
+}
+
+// Print writes the table: per figure the median over rounds of each kind
+// (Kinds), the ratios (Ratios), and every round's value.
 func (t *Table) Print(w io.Writer) {
-	fmt.Fprintf(w, "%-66s %14s %14s %12s  %s\n", "figure", "maddy", "spool", "spool/maddy", "rounds")
+	fmt.Fprintf(w, "%-66s", "figure")
+	for _, k := range Kinds {
+		fmt.Fprintf(w, " %12s", k)
+	}
+	for _, r := range Ratios {
+		fmt.Fprintf(w, " %11s", r.Name)
+	}
+	fmt.Fprintf(w, "  %s\n", "rounds")
 	for _, r := range t.rows {
 		if r.fig == nil {
 			fmt.Fprintf(w, "\n== %s\n", r.section)
@@ -103,13 +129,24 @@ func (t *Table) Print(w io.Writer) {
 		if f.Unit != "" {
 			name += " (" + f.Unit + ")"
 		}
-		m, mok := f.Value(Maddy)
-		s, sok := f.Value(Spool)
-		ratio := "-"
-		if f.Shared {
-			s, sok = m, mok
-		} else if mok && sok && m != 0 {
-			ratio = fmt.Sprintf("%.2f", s/m)
+		var line strings.Builder
+		fmt.Fprintf(&line, "%-66s", name)
+		shared, sharedOK := f.sharedValue()
+		for _, k := range Kinds {
+			v, ok := f.Value(k)
+			if f.Shared {
+				v, ok = shared, sharedOK
+			}
+			fmt.Fprintf(&line, " %12s", cell(v, ok))
+		}
+		for _, r := range Ratios {
+			ratio := "-"
+			n, nok := f.Value(r.Num)
+			d, dok := f.Value(r.Den)
+			if !f.Shared && nok && dok && d != 0 {
+				ratio = fmt.Sprintf("%.2f", n/d)
+			}
+			fmt.Fprintf(&line, " %11s", ratio)
 		}
 		rounds := []string{}
 		for _, k := range Kinds {
@@ -124,12 +161,22 @@ func (t *Table) Print(w io.Writer) {
 				rounds = append(rounds, string(k)+"="+strings.Join(parts, "/"))
 			}
 		}
-		line := fmt.Sprintf("%-66s %14s %14s %12s  %s", name, cell(m, mok), cell(s, sok), ratio, strings.Join(rounds, " "))
+		fmt.Fprintf(&line, "  %s", strings.Join(rounds, " "))
 		if f.Note != "" {
-			line += "  [" + f.Note + "]"
+			line.WriteString("  [" + f.Note + "]")
 		}
-		fmt.Fprintln(w, line)
+		fmt.Fprintln(w, line.String())
 	}
+}
+
+// sharedValue is the value of a Shared figure, recorded under any kind.
+func (f *Figure) sharedValue() (float64, bool) {
+	for _, k := range Kinds {
+		if v, ok := f.Value(k); ok {
+			return v, true
+		}
+	}
+	return 0, false
 }
 
 func cell(v float64, ok bool) string {

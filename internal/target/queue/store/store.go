@@ -42,7 +42,10 @@
 // it before giving the message up. The latest request wins.
 //
 // Every write returns once it is durable, as the backend defines
-// durability (see each backend's package documentation).
+// durability (see each backend's package documentation), except that a
+// backend may let Create's write become durable as late as the Commit
+// that follows it: until Commit returns, the client has not been told
+// that the message was accepted.
 package store
 
 import (
@@ -59,8 +62,9 @@ type Backend interface {
 	// Node is the name this handle takes leases under.
 	Node() string
 
-	// Create stores a new message durably: m's metadata, the header block
-	// and bodyLen bytes read from body. It assigns m.ID and returns the
+	// Create stores a new message (durable at the latest when Commit
+	// returns): m's metadata, the header block and bodyLen bytes read
+	// from body. It assigns m.ID and returns the
 	// receiving lease, held by the caller until Commit or Delete.
 	Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) (*Lease, error)
 	// Commit ends a receiving lease: the message is queued, claimable at

@@ -1,7 +1,6 @@
 package embedded
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"time"
@@ -409,68 +408,4 @@ func (s *Store) NextDue(ctx context.Context, skip []string) (time.Time, bool, er
 		}
 	}
 	return due, ok, nil
-}
-
-// dueHeap orders claimable messages by due time, then ID.
-type dueHeap struct {
-	entries []*dueEntry
-	index   map[store.ID]*dueEntry
-}
-
-type dueEntry struct {
-	due time.Time
-	id  store.ID
-	pos int
-}
-
-func (h *dueHeap) Len() int { return len(h.entries) }
-func (h *dueHeap) Less(i, j int) bool {
-	a, b := h.entries[i], h.entries[j]
-	if !a.due.Equal(b.due) {
-		return a.due.Before(b.due)
-	}
-	return a.id < b.id
-}
-func (h *dueHeap) Swap(i, j int) {
-	h.entries[i], h.entries[j] = h.entries[j], h.entries[i]
-	h.entries[i].pos, h.entries[j].pos = i, j
-}
-func (h *dueHeap) Push(x any) {
-	e := x.(*dueEntry)
-	e.pos = len(h.entries)
-	h.entries = append(h.entries, e)
-}
-func (h *dueHeap) Pop() any {
-	old := h.entries
-	e := old[len(old)-1]
-	old[len(old)-1] = nil
-	h.entries = old[:len(old)-1]
-	return e
-}
-
-func (h *dueHeap) top() *dueEntry { return h.entries[0] }
-
-// push schedules id at due, or moves it there.
-func (h *dueHeap) push(id store.ID, due time.Time) {
-	if e, ok := h.index[id]; ok {
-		e.due = due
-		heap.Fix(h, e.pos)
-		return
-	}
-	e := &dueEntry{due: due, id: id}
-	heap.Push(h, e)
-	h.index[id] = e
-}
-
-func (h *dueHeap) pop() store.ID {
-	e := heap.Pop(h).(*dueEntry)
-	delete(h.index, e.id)
-	return e.id
-}
-
-func (h *dueHeap) remove(id store.ID) {
-	if e, ok := h.index[id]; ok {
-		heap.Remove(h, e.pos)
-		delete(h.index, id)
-	}
 }

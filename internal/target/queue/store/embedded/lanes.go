@@ -2,6 +2,7 @@ package embedded
 
 import (
 	"container/heap"
+	"math"
 	"time"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
@@ -12,14 +13,18 @@ import (
 // their earliest due time. A claim that leaves out busy destinations then
 // skips each of them once, however many of its messages are due, instead
 // of stepping over every one of those messages.
+//
+// Every claimable message costs one index entry and one dueEntry (32
+// bytes) here, the store's whole memory per queued message: the index
+// finds both an entry and its lane, so no second map is needed.
 type lanes struct {
 	byDest map[string]*lane
 	order  laneHeap
-	where  map[store.ID]*lane
+	index  map[store.ID]*dueEntry
 }
 
 func newLanes() lanes {
-	return lanes{byDest: map[string]*lane{}, where: map[store.ID]*lane{}}
+	return lanes{byDest: map[string]*lane{}, index: map[store.ID]*dueEntry{}}
 }
 
 // lane is one destination's claimable messages.
@@ -29,21 +34,54 @@ type lane struct {
 	pos  int // in lanes.order
 }
 
-func (ls *lanes) len() int { return len(ls.where) }
+// dueEntry is one claimable message: due in nanoseconds since the Unix
+// epoch (see dueNanos), at position pos of its lane's heap.
+type dueEntry struct {
+	due  int64
+	id   store.ID
+	pos  int
+	lane *lane
+}
+
+// dueNanos is t as dueEntry keeps it. Times past what nanoseconds since
+// 1970 can hold (years before 1678 or after 2262) are kept as the
+// nearest end: they order the same against every real due time.
+func dueNanos(t time.Time) int64 {
+	switch {
+	case t.Before(minDue):
+		return math.MinInt64
+	case t.After(maxDue):
+		return math.MaxInt64
+	}
+	return t.UnixNano()
+}
+
+var minDue, maxDue = time.Unix(0, math.MinInt64), time.Unix(0, math.MaxInt64)
+
+func (e *dueEntry) dueTime() time.Time { return time.Unix(0, e.due) }
+
+func (ls *lanes) len() int { return len(ls.index) }
 
 // push makes id of dest claimable at due, or moves it there.
 func (ls *lanes) push(id store.ID, dest string, due time.Time) {
-	if l := ls.where[id]; l != nil && l.dest != dest {
+	if e := ls.index[id]; e != nil {
+		if e.lane.dest == dest {
+			e.due = dueNanos(due)
+			heap.Fix(&e.lane.due, e.pos)
+			heap.Fix(&ls.order, e.lane.pos)
+			return
+		}
 		ls.remove(id)
 	}
 	l := ls.byDest[dest]
 	isNew := l == nil
 	if isNew {
-		l = &lane{dest: dest, due: dueHeap{index: map[store.ID]*dueEntry{}}}
+		l = &lane{dest: dest}
 		ls.byDest[dest] = l
 	}
-	l.due.push(id, due)
-	ls.where[id] = l
+	e := &dueEntry{due: dueNanos(due), id: id, lane: l}
+	heap.Push(&l.due, e)
+	ls.index[id] = e
 	if isNew {
 		heap.Push(&ls.order, l) // only once it has an entry to order by
 	} else {
@@ -54,15 +92,22 @@ func (ls *lanes) push(id store.ID, dest string, due time.Time) {
 // remove makes id not claimable and returns the time it was due at
 // (zero if it was not in the lanes).
 func (ls *lanes) remove(id store.ID) time.Time {
-	l := ls.where[id]
-	if l == nil {
+	e := ls.index[id]
+	if e == nil {
 		return time.Time{}
 	}
-	due := l.due.index[id].due
-	delete(ls.where, id)
-	l.due.remove(id)
+	delete(ls.index, id)
+	heap.Remove(&e.lane.due, e.pos)
+	ls.settle(e.lane)
+	return e.dueTime()
+}
+
+// pop takes the message of l due first out of the lanes.
+func (ls *lanes) pop(l *lane) taken {
+	e := heap.Pop(&l.due).(*dueEntry)
+	delete(ls.index, e.id)
 	ls.settle(l)
-	return due
+	return taken{e.id, e.dueTime()}
 }
 
 // settle puts l back in order after its heap changed, or drops it empty.
@@ -86,20 +131,17 @@ type taken struct {
 func (ls *lanes) take(now time.Time, max int, skip map[string]bool) []taken {
 	var out []taken
 	var skipped []*lane
+	nowN := dueNanos(now)
 	for len(out) < max && ls.order.Len() > 0 {
 		l := ls.order[0]
-		if l.due.top().due.After(now) {
+		if l.due.top().due > nowN {
 			break
 		}
 		if skip[l.dest] {
 			skipped = append(skipped, heap.Pop(&ls.order).(*lane))
 			continue
 		}
-		due := l.due.top().due
-		id := l.due.pop()
-		delete(ls.where, id)
-		out = append(out, taken{id, due})
-		ls.settle(l)
+		out = append(out, ls.pop(l))
 	}
 	for _, l := range skipped {
 		heap.Push(&ls.order, l)
@@ -118,7 +160,7 @@ func (ls *lanes) next(skip map[string]bool) (time.Time, bool) {
 	for ls.order.Len() > 0 {
 		l := ls.order[0]
 		if !skip[l.dest] {
-			return l.due.top().due, true
+			return l.due.top().dueTime(), true
 		}
 		skipped = append(skipped, heap.Pop(&ls.order).(*lane))
 	}
@@ -131,11 +173,7 @@ func (ls *lanes) first(dest string) (taken, bool) {
 	if l == nil {
 		return taken{}, false
 	}
-	due := l.due.top().due
-	id := l.due.pop()
-	delete(ls.where, id)
-	ls.settle(l)
-	return taken{id, due}, true
+	return ls.pop(l), true
 }
 
 // makeDue moves every message of dest due later than now to now.
@@ -144,10 +182,11 @@ func (ls *lanes) makeDue(dest string, now time.Time) int {
 	if l == nil {
 		return 0
 	}
+	nowN := dueNanos(now)
 	n := 0
-	for _, e := range l.due.entries {
-		if e.due.After(now) {
-			e.due = now
+	for _, e := range l.due {
+		if e.due > nowN {
+			e.due = nowN
 			n++
 		}
 	}
@@ -156,14 +195,44 @@ func (ls *lanes) makeDue(dest string, now time.Time) int {
 	return n
 }
 
-// laneHeap orders lanes by their earliest due time, then destination.
+// dueHeap orders a lane's messages by due time, then ID.
+type dueHeap []*dueEntry
+
+func (h dueHeap) Len() int { return len(h) }
+func (h dueHeap) Less(i, j int) bool {
+	a, b := h[i], h[j]
+	if a.due != b.due {
+		return a.due < b.due
+	}
+	return a.id < b.id
+}
+func (h dueHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].pos, h[j].pos = i, j
+}
+func (h *dueHeap) Push(x any) {
+	e := x.(*dueEntry)
+	e.pos = len(*h)
+	*h = append(*h, e)
+}
+func (h *dueHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return e
+}
+
+func (h dueHeap) top() *dueEntry { return h[0] }
+
+// laneHeap orders lanes by their earliest due time, then ID.
 type laneHeap []*lane
 
 func (h laneHeap) Len() int { return len(h) }
 func (h laneHeap) Less(i, j int) bool {
 	a, b := h[i].due.top(), h[j].due.top()
-	if !a.due.Equal(b.due) {
-		return a.due.Before(b.due)
+	if a.due != b.due {
+		return a.due < b.due
 	}
 	return a.id < b.id
 }

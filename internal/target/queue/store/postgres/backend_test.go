@@ -590,3 +590,226 @@ func TestGroupCommit(t *testing.T) {
 		t.Fatalf("%d messages stored, want %d", n, senders-1)
 	}
 }
+
+// TestClaimReadsContent checks that an attempt reads a claimed inline
+// message's content from what its claim returned, with no statement of
+// its own, that a chunked one is read from the database, and that what is
+// kept goes when the lease ends, however it ends.
+func TestClaimReadsContent(t *testing.T) {
+	h := newHarness(t)
+	s := h.openWith(t, func() Options { o := h.options(t, "a"); o.InlineLimit = 1 << 10; return o }())
+	large := strings.Repeat("0123456789abcde\n", 128) // 2 KiB: past InlineLimit, chunked
+	for i := 0; i < 5; i++ {
+		queueMsg(t, s, newMsg(h, "r@x.test"))
+	}
+	m := newMsg(h, "large@x.test")
+	l, err := s.Create(ctx, m, []byte(hdr), strings.NewReader(large), int64(len(large)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Commit(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := s.Claim(ctx, 10, nil)
+	if err != nil || len(cs) != 6 {
+		t.Fatalf("Claim = %d claims, %v", len(cs), err)
+	}
+	kept := func() int {
+		s.claimed.mu.Lock()
+		defer s.claimed.mu.Unlock()
+		return len(s.claimed.m)
+	}
+	if n := kept(); n != 5 {
+		t.Fatalf("content kept for %d claimed messages, want the 5 inline ones", n)
+	}
+	// Were the content read from the database now, it would be this.
+	h.exec(t, "UPDATE spool_messages SET header = 'X: changed\r\n\r\n'::bytea")
+	read := func(m *store.Message) (string, string) {
+		t.Helper()
+		c, err := s.Content(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := c.Body.Open()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		b, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(c.Header), string(b)
+	}
+	if hd, b := read(cs[0].Message); hd != hdr || b != "body\r\n" {
+		t.Fatalf("claimed content = %q, %q; want what the claim read", hd, b)
+	}
+	if hd, b := read(cs[5].Message); hd == hdr || b != large {
+		t.Fatalf("chunked content = %q, %d bytes; want the database's, %d bytes", hd, len(b), len(large))
+	}
+	if n := kept(); n != 4 {
+		t.Fatalf("content kept after one was read: %d, want 4", n)
+	}
+	if _, err := s.Release(ctx, cs[1].Lease); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Save(ctx, cs[2].Lease, cs[2].Message); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(ctx, cs[3].Lease); err != nil {
+		t.Fatal(err)
+	}
+	h.clock.Advance(testLease + time.Second)
+	if _, err := h.openNode(t, "b").Claim(ctx, 10, nil); err != nil {
+		t.Fatal(err)
+	}
+	if lost, err := s.Renew(ctx, []*store.Lease{cs[4].Lease}); err != nil || len(lost) != 1 {
+		t.Fatalf("Renew of a lease taken over = %v, %v", lost, err)
+	}
+	if n := kept(); n != 0 {
+		t.Fatalf("content kept after every lease ended: %d", n)
+	}
+	if hd, _ := read(cs[4].Message); hd == hdr {
+		t.Fatal("content of a lost lease read from what its claim returned")
+	}
+}
+
+// TestLazyCommitScope checks what Create's lazy commit rests on: in a
+// batch (one implicit transaction), lazyCommitSQL turns
+// synchronous_commit off for the statements after it, and for that
+// transaction only.
+func TestLazyCommitScope(t *testing.T) {
+	h := newHarness(t)
+	conn := h.db(t)
+	setting := func(r pgx.Row) string {
+		var v string
+		if err := r.Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	b := &pgx.Batch{}
+	b.Queue(lazyCommitSQL)
+	b.Queue("SELECT current_setting('synchronous_commit')")
+	res := conn.SendBatch(ctx, b)
+	if _, err := res.Exec(); err != nil {
+		t.Fatal(err)
+	}
+	if v := setting(res.QueryRow()); v != "off" {
+		t.Fatalf("synchronous_commit in the lazy batch = %q, want off", v)
+	}
+	if err := res.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if v := setting(conn.QueryRow(ctx, "SELECT current_setting('synchronous_commit')")); v != "on" {
+		t.Fatalf("synchronous_commit after the lazy batch = %q, want on", v)
+	}
+}
+
+// TestLazyBatchesApart checks that creates (lazy) and lease-ending writes
+// (waiting for their flush) sent together are never in one batch, so no
+// Commit, Save, Release or Delete commits lazily, and that all of them are
+// written.
+func TestLazyBatchesApart(t *testing.T) {
+	h := newHarness(t)
+	var (
+		mu      sync.Mutex
+		batches [][]bool
+	)
+	opts := h.options(t, "a")
+	opts.onBatch = func(ops []*op) {
+		var lazy []bool
+		for _, o := range ops {
+			lazy = append(lazy, o.lazy)
+		}
+		mu.Lock()
+		batches = append(batches, lazy)
+		mu.Unlock()
+	}
+	a := h.openWith(t, opts)
+	const n = 64
+	leases := make([]*store.Lease, n)
+	for i := range leases {
+		l, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases[i] = l
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*n)
+	for i := 0; i < n; i++ {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			_, err := a.Commit(ctx, leases[i])
+			errs <- err
+		}()
+		go func() {
+			defer wg.Done()
+			_, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	lazyOps, syncOps := 0, 0
+	for _, b := range batches {
+		for _, lazy := range b {
+			if lazy != b[0] {
+				t.Fatalf("a batch mixes lazy and waiting writes: %v", b)
+			}
+			if lazy {
+				lazyOps++
+			} else {
+				syncOps++
+			}
+		}
+	}
+	if lazyOps != 2*n || syncOps != n {
+		t.Fatalf("%d lazy and %d waiting writes sent, want %d creates and %d commits", lazyOps, syncOps, 2*n, n)
+	}
+	if got := h.queryInt(t, "SELECT count(*) FROM spool_messages WHERE NOT receiving"); got != n {
+		t.Fatalf("%d messages committed, want %d", got, n)
+	}
+}
+
+// TestOwnNotificationsIgnored checks that a handle tells its own
+// notifications (its writes have woken it already) from another node's,
+// which wake it.
+func TestOwnNotificationsIgnored(t *testing.T) {
+	h := newHarness(t)
+	type seen struct {
+		node string
+		own  bool
+	}
+	notes := make(chan seen, 16)
+	open := func(node string) *Store {
+		opts := h.options(t, node)
+		opts.PollInterval = time.Hour // only notifications and own writes wake
+		opts.onNotify = func(own bool) { notes <- seen{node, own} }
+		return h.openWith(t, opts)
+	}
+	a, b := open("a"), open("b")
+	drain(a.Wake())
+	drain(b.Wake())
+	queueMsg(t, a, newMsg(h, "r@x.test"))
+	got := map[string]bool{}
+	for len(got) < 2 {
+		n := <-notes
+		got[n.node] = n.own
+	}
+	if !got["a"] || got["b"] {
+		t.Fatalf("own notification as seen by a: %v, by b: %v; want true, false", got["a"], got["b"])
+	}
+	// a was woken by its own commit, b by a's notification.
+	<-a.Wake()
+	<-b.Wake()
+}

@@ -94,18 +94,23 @@
 // A larger Create runs in a transaction of its own: it inserts the row,
 // then COPYs the body into spool_chunks, reading it from the io.Reader one
 // chunk at a time into one buffer; a 50 MB message is never in memory
-// whole. Content reads the header (and an inline body); Body.Open reads a
+// whole. A claim returns the header and inline body of each message it
+// leases, and the attempt's Content takes them from there; otherwise
+// Content reads the header (and an inline body); Body.Open reads a
 // chunked body one chunk per statement, holding no connection between
 // chunks.
 //
 // # Durability
 //
-// Create returns nil only after the transaction inserting the message
-// committed, which with the server's default settings (fsync = on,
-// synchronous_commit = on) means its WAL was flushed to disk: the message
-// survives a crash of the node and of the database server, and the
-// client may be given 250. The same holds for every other write when it
-// returns. Server settings weaken this promise for every client of that
+// Commit returns nil only after its transaction committed, which with
+// the server's default settings (fsync = on, synchronous_commit = on)
+// means its WAL was flushed to disk, and with it the WAL of the Create
+// before it: the message survives a crash of the node and of the
+// database server, and the client may be given 250. The same holds for
+// every other write when it returns, except Create itself, which commits
+// without waiting for the flush (see Store.Create): until Commit, the
+// client has not been answered, and a database server crash may lose the
+// message. Server settings weaken this promise for every client of that
 // server, and this package cannot detect them:
 //
 //   - synchronous_commit = off: a commit returns before its WAL is
@@ -192,9 +197,13 @@
 // take-back) calls pg_notify in its RETURNING clause, through the function
 // spool_wake; PostgreSQL delivers identical notifications of one
 // transaction once, so a batch notifies once however many messages it
-// made claimable. Wake fires on each notification, after each reconnection of
-// the listener (notifications sent meanwhile are lost), and every
-// PollInterval as a fallback; a poll only signals Wake. The idle listener
+// made claimable. A handle's own writes signal its Wake directly, and the
+// listener ignores the notifications of its own sessions (by backend
+// PID); another node's notification fires Wake 25 ms later, gathering a
+// burst into one wake-up and letting the node that made the message
+// claimable claim it first (see remoteWakeDelay). Wake also fires after
+// each reconnection of the listener (notifications sent meanwhile are
+// lost), and every PollInterval as a fallback; a poll only signals Wake. The idle listener
 // is pinged every 15 s so that a dead connection is noticed.
 //
 // LISTEN belongs to a session: through PgBouncer (or another pooler) in

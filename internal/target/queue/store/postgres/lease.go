@@ -31,7 +31,7 @@ UPDATE spool_messages m SET
 	lease_token = m.lease_token + 1, lease_owner = $3, lease_expiry = $4, claimable_at = $4, receiving = false
 FROM c
 WHERE m.id = c.id
-RETURNING m.id, m.lease_token, m.meta, c.claimable_at`
+RETURNING m.id, m.lease_token, m.meta, c.claimable_at, m.header, m.body`
 
 // claimNextSQL leases the message of destination $5 due first, whatever
 // its due time, as claimSQL leases due ones.
@@ -47,7 +47,7 @@ UPDATE spool_messages m SET
 	lease_token = m.lease_token + 1, lease_owner = $3, lease_expiry = $4, claimable_at = $4, receiving = false
 FROM c
 WHERE m.id = c.id
-RETURNING m.id, m.lease_token, m.meta, c.claimable_at`
+RETURNING m.id, m.lease_token, m.meta, c.claimable_at, m.header, m.body`
 
 // Claim leases up to max messages that are due, earliest due first,
 // leaving out those of the destinations in skip. Entries whose metadata
@@ -112,14 +112,15 @@ func (s *Store) claim(ctx context.Context, sql string, max int, filter any) ([]s
 	now := s.now()
 	expiry := now.Add(s.opts.Lease)
 	type row struct {
-		id, token int64
-		meta      []byte
-		due       time.Time
+		id, token    int64
+		meta         []byte
+		due          time.Time
+		header, body []byte
 	}
 	rows, _ := s.pool.Query(ctx, sql, now, max, s.node, expiry, filter)
 	got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (row, error) {
 		var x row
-		err := r.Scan(&x.id, &x.token, &x.meta, &x.due)
+		err := r.Scan(&x.id, &x.token, &x.meta, &x.due, &x.header, &x.body)
 		return x, err
 	})
 	if err != nil {
@@ -133,6 +134,9 @@ func (s *Store) claim(ctx context.Context, sql string, max int, filter any) ([]s
 		m, err := s.decode(ctx, x.id, x.meta)
 		if err != nil {
 			continue
+		}
+		if x.body != nil {
+			s.claimed.keep(m.ID, x.header, x.body)
 		}
 		claims = append(claims, store.Claim{
 			Lease:   &store.Lease{ID: m.ID, Owner: s.node, Token: uint64(x.token), Expiry: expiry},
@@ -273,6 +277,7 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 		switch {
 		case !ok:
 			lost = append(lost, l)
+			s.claimed.forget(l.ID)
 		case receiving:
 			l.Expiry = recvExpiry
 		default:

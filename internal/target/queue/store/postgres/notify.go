@@ -112,11 +112,19 @@ func (s *Store) waitNotifications(conn *pgx.Conn) error {
 			wait = min(wait, s.opts.PollInterval)
 		}
 		ctx, cancel := context.WithTimeout(s.ctx, wait)
-		_, err := conn.WaitForNotification(ctx)
+		n, err := conn.WaitForNotification(ctx)
 		cancel()
 		switch {
 		case err == nil:
-			s.signalWake()
+			// This handle's own writes wake it directly (signalWake);
+			// its notifications are for the other nodes.
+			_, own := s.ownSessions.Load(n.PID)
+			if !own {
+				s.remoteWake()
+			}
+			if s.opts.onNotify != nil {
+				s.opts.onNotify(own)
+			}
 			continue
 		case s.ctx.Err() != nil:
 			return err

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -145,6 +146,9 @@ func (s *Store) Content(ctx context.Context, m *store.Message) (store.Content, e
 		return store.Content{}, err
 	}
 	defer s.leave()
+	if c, ok := s.claimed.take(m.ID); ok {
+		return c, nil
+	}
 	var (
 		header, body []byte
 		bodyLen      int64
@@ -164,6 +168,47 @@ func (s *Store) Content(ctx context.Context, m *store.Message) (store.Content, e
 		return store.Content{Header: header, Body: inlineBody(body)}, nil
 	}
 	return store.Content{Header: header, Body: &chunkedBody{s: s, id: int64(m.ID), len: bodyLen}}, nil
+}
+
+// claimedContent is the content of inline messages this handle claimed.
+// A claim returns each message's header and inline body with its
+// metadata (they are in the row it updates anyway), so the attempt that
+// follows reads its content from here rather than with a statement of
+// its own: one statement per delivered message less. Content never
+// changes once a message is stored, so what the claim read is current.
+// An entry lives until Content takes it or the lease ends (Save,
+// Release, Delete, a lost Renew); so at most the messages this node holds
+// are kept, each at most InlineLimit.
+type claimedContent struct {
+	mu sync.Mutex
+	m  map[store.ID]store.Content
+}
+
+func (c *claimedContent) keep(id store.ID, header, body []byte) {
+	if header == nil {
+		header = []byte{}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[store.ID]store.Content{}
+	}
+	c.m[id] = store.Content{Header: header, Body: inlineBody(body)}
+}
+
+// take returns and forgets the content kept for id.
+func (c *claimedContent) take(id store.ID) (store.Content, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	content, ok := c.m[id]
+	delete(c.m, id)
+	return content, ok
+}
+
+func (c *claimedContent) forget(id store.ID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, id)
 }
 
 // inlineBody is a body kept in its message row.

@@ -44,7 +44,10 @@ type op struct {
 	queue func(b *pgx.Batch, o *op)
 	err   error // the op's own outcome, e.g. ErrLeaseLost
 	wake  bool  // the op made a message claimable now
-	done  chan error
+	// lazy marks a write whose commit need not wait for its WAL flush
+	// (see Create); lazy ops are batched apart from the others.
+	lazy bool
+	done chan error
 }
 
 // submit hands o to a committer and waits until its batch committed.
@@ -100,6 +103,8 @@ func (s *Store) runBatch(ops []*op) {
 	}
 	slices.SortStableFunc(live, func(a, b *op) int {
 		switch {
+		case a.lazy != b.lazy:
+			return boolCompare(a.lazy, b.lazy)
 		case a.id < b.id:
 			return -1
 		case a.id > b.id:
@@ -107,21 +112,51 @@ func (s *Store) runBatch(ops []*op) {
 		}
 		return 0
 	})
-	err := s.execBatch(live)
+	split := slices.IndexFunc(live, func(o *op) bool { return o.lazy })
+	if split < 0 {
+		split = len(live)
+	}
+	for _, part := range [][]*op{live[split:], live[:split]} {
+		if len(part) > 0 {
+			s.runPart(part)
+		}
+	}
+}
+
+func boolCompare(a, b bool) int {
+	if a {
+		return 1
+	}
+	return -1
+}
+
+// runPart sends ops, all lazy or none, as one batch.
+func (s *Store) runPart(ops []*op) {
+	err := s.execBatch(ops)
 	var pgErr *pgconn.PgError
-	if err != nil && len(live) > 1 && errors.As(err, &pgErr) {
+	if err != nil && len(ops) > 1 && errors.As(err, &pgErr) {
 		// The server refused a statement and rolled the batch back:
 		// run each op alone, so that only the bad one fails.
-		for _, o := range live {
+		for _, o := range ops {
 			s.finish([]*op{o}, s.execBatch([]*op{o}))
 		}
 		return
 	}
-	s.finish(live, err)
+	s.finish(ops, err)
 }
 
+// lazyCommitSQL makes the commit of the batch's transaction return
+// without waiting for its WAL to reach disk (see Create).
+const lazyCommitSQL = "SELECT set_config('synchronous_commit', 'off', true)"
+
 func (s *Store) execBatch(ops []*op) error {
+	if s.opts.onBatch != nil {
+		s.opts.onBatch(ops)
+	}
 	b := &pgx.Batch{}
+	if ops[0].lazy {
+		b.Queue(lazyCommitSQL)
+	}
 	for _, o := range ops {
 		o.err, o.wake = nil, false
 		o.queue(b, o)
@@ -159,6 +194,16 @@ RETURNING id`
 // Create stores a new message leased to the caller until Commit. Content
 // up to InlineLimit is written by the group committer; a larger body is
 // streamed into spool_chunks in a transaction of its own.
+//
+// Create's transaction commits lazily: it does not wait for its WAL to
+// reach disk (synchronous_commit off, for that transaction alone). The
+// message is visible to every node at once and outlives a crash of this
+// node, as a receiving lease; only a crash of the database server before
+// the WAL writer's next flush (wal_writer_delay, 200 ms by default) can
+// lose it, and then its client has not been answered yet, so nothing
+// promised is lost. Commit waits for its flush, and a flush writes all
+// the WAL before it, Create's included: when Commit returns the message
+// is durable, having cost the client one wait for the disk, not two.
 func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) (*store.Lease, error) {
 	if err := s.enter(); err != nil {
 		return nil, err
@@ -181,7 +226,7 @@ func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, bod
 			return nil, fmt.Errorf("postgres: read body: %w", err)
 		}
 		args[8] = inline
-		err = s.submit(ctx, &op{queue: func(b *pgx.Batch, o *op) {
+		err = s.submit(ctx, &op{lazy: true, queue: func(b *pgx.Batch, o *op) {
 			b.Queue(insertSQL, args...).QueryRow(func(r pgx.Row) error { return r.Scan(&id) })
 		}})
 	} else {
@@ -202,6 +247,9 @@ func (s *Store) createChunked(ctx context.Context, args []any, body io.Reader, b
 		return 0, fmt.Errorf("postgres: write: %w", err)
 	}
 	defer tx.Rollback(context.Background())
+	if _, err := tx.Exec(ctx, lazyCommitSQL); err != nil {
+		return 0, fmt.Errorf("postgres: write: %w", err)
+	}
 	var id int64
 	if err := tx.QueryRow(ctx, insertSQL, args...).Scan(&id); err != nil {
 		return 0, fmt.Errorf("postgres: write: %w", err)
@@ -285,6 +333,7 @@ func (s *Store) endLease(ctx context.Context, l *store.Lease, m *store.Message) 
 		return 0, err
 	}
 	defer s.leave()
+	s.claimed.forget(l.ID)
 	args := []any{int64(l.ID), int64(l.Token), nil, nil, nil, nil, nil, s.channel, s.now(), nil}
 	if m != nil {
 		meta, err := store.EncodeMeta(m)
@@ -347,6 +396,7 @@ func (s *Store) Delete(ctx context.Context, l *store.Lease) error {
 		return err
 	}
 	defer s.leave()
+	s.claimed.forget(l.ID)
 	return s.submit(ctx, &op{id: l.ID, queue: func(b *pgx.Batch, o *op) {
 		b.Queue(deleteSQL, int64(l.ID), int64(l.Token)).QueryRow(func(r pgx.Row) error {
 			var n int
