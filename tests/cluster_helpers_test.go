@@ -87,10 +87,16 @@ type node struct {
 // startNode starts a maddy process named name on the shared store at dsn,
 // delivering to its own sink of cs. tweak, if not nil, adjusts the
 // configuration further.
+//
+// Dead-destination suspension is off: the cluster tests' next hop defers
+// every first try (greylist), so a node whose claims happen to bring it
+// dead_destination_after such tries in a row would suspend the next hop
+// and hold back the attempts whose leases these tests are about.
+// Suspension has its own tests (destinations_test.go).
 func startNode(t *testing.T, cs *clusterSink, dsn, name string, tweak func(*params)) *node {
 	t.Helper()
 	e := newEnv(t, cs.sink(name), func(p *params) {
-		p.Extra = append(p.Extra, storeDirective(dsn, name))
+		p.Extra = append(p.Extra, storeDirective(dsn, name), "dead_destination_after 0")
 		if tweak != nil {
 			tweak(p)
 		}
