@@ -62,9 +62,17 @@ type options struct {
 	takeoverN     int
 	// pgStatements lists the costliest statements of each section.
 	pgStatements bool
+	// destN is the messages of each destinations load, destSlowDelay
+	// the slow domain's time per RCPT, destOutage how long the dead
+	// domain refuses, and destBaseline how long the other mail trickles
+	// before the outage.
+	destN         int
+	destSlowDelay time.Duration
+	destOutage    time.Duration
+	destBaseline  time.Duration
 }
 
-var allSections = []string{"disk", "enqueue", "backlog", "startup", "scale", "dispatch", "e2e", "takeover"}
+var allSections = []string{"disk", "enqueue", "backlog", "startup", "scale", "dispatch", "e2e", "takeover", "destinations"}
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "child-startup" {
@@ -107,6 +115,10 @@ func run() int {
 	flag.IntVar(&o.e2eN, "e2e-messages", 3000, "end-to-end: messages per measurement")
 	flag.IntVar(&o.e2eConns, "e2e-clients", 16, "end-to-end: concurrent SMTP clients")
 	flag.StringVar(&o.maddyBin, "maddy-bin", "", "end-to-end: maddy binary to run (default: go build ./cmd/maddy of this source tree)")
+	flag.IntVar(&o.destN, "dest-messages", 2000, "destinations: messages of each load (slow destination, dead destination)")
+	flag.DurationVar(&o.destSlowDelay, "dest-slow-delay", 5*time.Second, "destinations: the slow domain's time to answer each RCPT")
+	flag.DurationVar(&o.destOutage, "dest-outage", 2*time.Minute, "destinations: how long the dead domain refuses")
+	flag.DurationVar(&o.destBaseline, "dest-baseline", 10*time.Second, "destinations: how long the other mail trickles before the outage (its baseline latency)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the queue directories")
 	flag.BoolVar(&quick, "quick", false, "small sizes and counts, about 2 minutes")
 	flag.Parse()
@@ -127,6 +139,9 @@ func run() int {
 		quickDefault("e2e-messages", func() { o.e2eN = 300 })
 		quickDefault("e2e-queued", func() { *queuedF = "0,5000" })
 		quickDefault("timeout", func() { o.timeout = 30 * time.Second })
+		quickDefault("dest-messages", func() { o.destN = 300 })
+		quickDefault("dest-outage", func() { o.destOutage = 30 * time.Second })
+		quickDefault("dest-baseline", func() { o.destBaseline = 3 * time.Second })
 	}
 	var err error
 	if o.senders, err = intList(*sendersF); err == nil {
@@ -326,6 +341,7 @@ func (r *runner) all() error {
 		{"dispatch", r.dispatch},
 		{"e2e", r.e2e},
 		{"takeover", r.takeover},
+		{"destinations", r.destinations},
 	}
 	var errs []error
 	for _, s := range steps {

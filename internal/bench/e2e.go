@@ -68,6 +68,11 @@ type E2EConfig struct {
 	Timeout  time.Duration
 	// PG, if set, is the database server whose CPU time is measured.
 	PG *PGServer
+	// QueueDefaults leaves out the queue block's "max_parallelism 16",
+	// so the module runs with its own default; QueueExtra are more
+	// directives for the block (the destinations section).
+	QueueDefaults bool
+	QueueExtra    []string
 }
 
 // E2EResult is what one end-to-end measurement saw.
@@ -155,6 +160,13 @@ func writeE2EConfig(c E2EConfig, n e2eNode) (string, error) {
         node %s%s
     }`, c.DSN, n.name, lease)
 	}
+	queue := "\n    max_parallelism 16"
+	if c.QueueDefaults {
+		queue = ""
+	}
+	for _, d := range c.QueueExtra {
+		queue += "\n    " + d
+	}
 	conf := fmt.Sprintf(`hostname mx.bench.example
 state_dir %[1]s
 runtime_dir %[1]s/run
@@ -167,8 +179,7 @@ target.smtp next_hop {
 }
 
 %[3]s outq {
-    target &next_hop
-    max_parallelism 16%[5]s
+    target &next_hop%[6]s%[5]s
 }
 
 smtp tcp://127.0.0.1:%[4]d {
@@ -176,7 +187,7 @@ smtp tcp://127.0.0.1:%[4]d {
         deliver_to &outq
     }
 }
-`, n.stateDir, n.sinkPort, c.Kind.ModName(), n.smtpPort, store)
+`, n.stateDir, n.sinkPort, c.Kind.ModName(), n.smtpPort, store, queue)
 	if err := os.MkdirAll(filepath.Join(n.stateDir, "run"), 0o700); err != nil {
 		return "", err
 	}
@@ -397,6 +408,12 @@ func RunE2E(c E2EConfig) (E2EResult, error) {
 // to addrs[i%len(addrs)], each reusing its connection for message after
 // message.
 func sendSMTP(addrs []string, clients, n, bodySize int) (int64, error) {
+	return sendSMTPTo(addrs, clients, n, bodySize, func(int64) string { return Rcpt(0) })
+}
+
+// sendSMTPTo is sendSMTP with the recipient of the seq-th message (from
+// 1) given by rcpt.
+func sendSMTPTo(addrs []string, clients, n, bodySize int, rcpt func(seq int64) string) (int64, error) {
 	body := Body(bodySize)
 	var (
 		next, accepted atomic.Int64
@@ -426,9 +443,9 @@ func sendSMTP(addrs []string, clients, n, bodySize int) (int64, error) {
 				fail(err)
 				return
 			}
-			for next.Add(1) <= int64(n) {
+			for seq := next.Add(1); seq <= int64(n); seq = next.Add(1) {
 				id := "e" + strconv.FormatInt(msgSeq.Add(1), 36)
-				if err := sendOne(c, id, body); err != nil {
+				if err := sendOne(c, id, rcpt(seq), body); err != nil {
 					fail(err)
 					return
 				}
@@ -441,12 +458,12 @@ func sendSMTP(addrs []string, clients, n, bodySize int) (int64, error) {
 	return accepted.Load(), firstErr
 }
 
-func sendOne(c *smtp.Client, id string, body []byte) error {
+func sendOne(c *smtp.Client, id, rcpt string, body []byte) error {
 	sent := time.Now()
 	if err := c.Mail(Sender, nil); err != nil {
 		return err
 	}
-	if err := c.Rcpt(Rcpt(0), nil); err != nil {
+	if err := c.Rcpt(rcpt, nil); err != nil {
 		return err
 	}
 	w, err := c.Data()
