@@ -26,12 +26,7 @@ WITH c AS (
 	ORDER BY claimable_at, id
 	LIMIT $2
 	FOR UPDATE SKIP LOCKED
-)
-UPDATE spool_messages m SET
-	lease_token = m.lease_token + 1, lease_owner = $3, lease_expiry = $4, claimable_at = $4, receiving = false
-FROM c
-WHERE m.id = c.id
-RETURNING m.id, m.lease_token, m.meta, c.claimable_at, m.header, m.body`
+)` + claimUpdateSQL
 
 // claimNextSQL leases the message of destination $5 due first, whatever
 // its due time, as claimSQL leases due ones.
@@ -42,7 +37,12 @@ WITH c AS (
 	ORDER BY claimable_at, id
 	LIMIT $2
 	FOR UPDATE SKIP LOCKED
-)
+)` + claimUpdateSQL
+
+// claimUpdateSQL gives the rows a claim selected (c) their new lease and
+// returns what claim reads: the metadata, the time each was claimable
+// at, and the content (whose body is NULL when chunked).
+const claimUpdateSQL = `
 UPDATE spool_messages m SET
 	lease_token = m.lease_token + 1, lease_owner = $3, lease_expiry = $4, claimable_at = $4, receiving = false
 FROM c
