@@ -154,33 +154,36 @@ func (p *PGServer) ResetStatements() error {
 
 // TopStatements lists the n statements of every database that took the
 // most execution time since the last reset: calls, total and mean time,
-// rows, and the statement (whitespace folded, cut to 110 characters).
+// rows, shared buffers read per call (a statement whose pages per call
+// grow with the queue's history is wading through dead rows), and the
+// statement (whitespace folded, cut to 110 characters).
 // Execution time leaves out the commit's WAL flush.
 func (p *PGServer) TopStatements(n int) (string, error) {
 	var b strings.Builder
 	err := p.admin(func(ctx context.Context, conn *pgx.Conn) error {
 		rows, err := conn.Query(ctx, `
-			SELECT calls, total_exec_time, mean_exec_time, rows, query
+			SELECT calls, total_exec_time, mean_exec_time, rows,
+				(shared_blks_hit + shared_blks_read) / greatest(calls, 1), query
 			FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT $1`, n)
 		if err != nil {
 			return err
 		}
 		defer rows.Close()
-		fmt.Fprintf(&b, "%10s %12s %9s %10s  %s\n", "calls", "total ms", "mean ms", "rows", "statement")
+		fmt.Fprintf(&b, "%10s %12s %9s %10s %11s  %s\n", "calls", "total ms", "mean ms", "rows", "pages/call", "statement")
 		for rows.Next() {
 			var (
-				calls, nrows int64
-				total, mean  float64
-				query        string
+				calls, nrows, pages int64
+				total, mean         float64
+				query               string
 			)
-			if err := rows.Scan(&calls, &total, &mean, &nrows, &query); err != nil {
+			if err := rows.Scan(&calls, &total, &mean, &nrows, &pages, &query); err != nil {
 				return err
 			}
 			query = strings.Join(strings.Fields(query), " ")
 			if len(query) > 110 {
 				query = query[:110] + "..."
 			}
-			fmt.Fprintf(&b, "%10d %12.0f %9.3f %10d  %s\n", calls, total, mean, nrows, query)
+			fmt.Fprintf(&b, "%10d %12.0f %9.3f %10d %11d  %s\n", calls, total, mean, nrows, pages, query)
 		}
 		return rows.Err()
 	})
