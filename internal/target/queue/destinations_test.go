@@ -125,20 +125,9 @@ func deadDestinationHarness(t *testing.T, mut func(h *harness)) (*harness, *atom
 func TestDeadDestinationSuspendedProbedAndReleased(t *testing.T) {
 	h, down, reached := deadDestinationHarness(t, nil)
 	const n = 20
-	for i := 0; i < n; i++ {
-		h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@dead.test", i)), smtp.MailOptions{})
-	}
 	// 2 failed attempts, 18 postponed (and a few released on the way: a
 	// claim may take more of the destination than its limit).
-	waitFor(t, func() bool {
-		done := 0
-		for _, m := range h.queued() {
-			if m.Postponed == 1 || m.Rcpts[0].Tries == 1 {
-				done++
-			}
-		}
-		return done == n && h.q.flights.len() == 0
-	})
+	submitToDeadAndWait(t, h, n)
 	// dead_destination_after failures suspend it; until the second one,
 	// another attempt may start in the room the first left.
 	before := reached.Load()
@@ -212,18 +201,7 @@ func TestRetryLiftsSuspension(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, down, _ := deadDestinationHarness(t, func(h *harness) { h.cfg.destinations = tc.dests })
-			for i := 0; i < 6; i++ {
-				h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@dead.test", i)), smtp.MailOptions{})
-			}
-			waitFor(t, func() bool {
-				done := 0
-				for _, m := range h.queued() {
-					if m.Postponed == 1 || m.Rcpts[0].Tries == 1 {
-						done++
-					}
-				}
-				return done == 6 && h.q.flights.len() == 0
-			})
+			submitToDeadAndWait(t, h, 6)
 			if len(h.q.Suspended()) != 1 {
 				t.Fatal("not suspended")
 			}
@@ -324,4 +302,23 @@ func drain(h *harness) {
 			return
 		}
 	}
+}
+
+// submitToDeadAndWait submits n messages to dead.test, one recipient
+// each, and waits until every one has been tried once or postponed once
+// and no attempt is in flight.
+func submitToDeadAndWait(t *testing.T, h *harness, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		h.submit("s@example.org", rcpts(fmt.Sprintf("r%d@dead.test", i)), smtp.MailOptions{})
+	}
+	waitFor(t, func() bool {
+		done := 0
+		for _, m := range h.queued() {
+			if m.Postponed == 1 || m.Rcpts[0].Tries == 1 {
+				done++
+			}
+		}
+		return done == n && h.q.flights.len() == 0
+	})
 }

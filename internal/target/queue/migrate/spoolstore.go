@@ -15,8 +15,6 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 )
@@ -24,8 +22,7 @@ import (
 // Names in a Spool store directory (see store/embedded) and the ones an
 // import of it adds.
 const (
-	storeDBName   = "queue.db"
-	storeLockName = "lock"
+	storeDBName = "queue.db"
 	// roundPrefix starts the name of the directory an import moves the
 	// database into: imported-YYYYMMDDTHHMMSSZ, with partialSuffix until
 	// every message is released in the destination.
@@ -419,7 +416,7 @@ func (si *storeImporter) completeMove(roundDir string) error {
 	if fileExists(filepath.Join(si.dir, storeDBName)) {
 		return nil
 	}
-	unlock, err := tryLock(filepath.Join(si.dir, storeLockName))
+	unlock, err := embedded.TryLockDir(si.dir)
 	if err != nil {
 		si.note("%s is in use (%v): its content directories are left where they are", si.dir, err)
 		return nil
@@ -684,23 +681,6 @@ func moveContentDirs(src, roundDir string) error {
 		return err
 	}
 	return syncDir(src)
-}
-
-// tryLock takes the store lock at path without waiting, as a maddy
-// using the store would hold it; a missing lock file needs no lock.
-func tryLock(path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if errors.Is(err, fs.ErrNotExist) {
-		return func() {}, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s is locked: %w", path, err)
-	}
-	return func() { f.Close() }, nil
 }
 
 func fileExists(path string) bool {

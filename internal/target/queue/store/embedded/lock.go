@@ -79,6 +79,18 @@ func lockStore(dir string, readOnly bool, timeout time.Duration) (*storeLock, er
 	return l, nil
 }
 
+// TryLockDir takes the lock of the store in dir as a writer holds it,
+// without waiting, for a tool that changes the directory only while no
+// maddy uses it (maddy spool import). It fails, naming the holder, if
+// the store is in use; release gives the lock back.
+func TryLockDir(dir string) (release func(), err error) {
+	l, err := lockStore(dir, false, 0)
+	if err != nil {
+		return nil, err
+	}
+	return l.release, nil
+}
+
 // lockHolder names the process holding the lock file f, from the PID in
 // it: "PID 1234", or "another process" when there is none (the holder is
 // read-only, or has not written it yet).

@@ -139,3 +139,24 @@ func TestReadOnlyWithoutLockFile(t *testing.T) {
 		t.Fatalf("read-only open created the lock file: %v", err)
 	}
 }
+
+// TestTryLockDir: a tool's lock fails at once, naming the holder, while a
+// maddy holds the store, and keeps a maddy out while the tool holds it.
+func TestTryLockDir(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, DirOptions{})
+	if _, err := TryLockDir(dir); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("locked by PID %d", os.Getpid())) {
+		t.Fatalf("TryLockDir of an open store = %v", err)
+	}
+	s.Close()
+	release, err := TryLockDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, err := OpenDir(dir, DirOptions{LockTimeout: 50 * time.Millisecond, Logf: t.Logf}); err == nil {
+		s.Close()
+		t.Fatal("OpenDir succeeded while a tool held the lock")
+	}
+	release()
+	openTest(t, dir, DirOptions{})
+}

@@ -109,9 +109,10 @@
 // database server, and the client may be given 250. The same holds for
 // every other write when it returns, except Create itself, which commits
 // without waiting for the flush (see Store.Create): until Commit, the
-// client has not been answered, and a database server crash may lose the
-// message. Server settings weaken this promise for every client of that
-// server, and this package cannot detect them:
+// client has not been answered, and a crash of the database's machine
+// (not of its processes alone) may lose the message. Server settings
+// weaken this promise for every client of that server, and this package
+// cannot detect them:
 //
 //   - synchronous_commit = off: a commit returns before its WAL is
 //     flushed. A server crash (not a clean shutdown) loses up to about

@@ -198,10 +198,12 @@ RETURNING id`
 // Create's transaction commits lazily: it does not wait for its WAL to
 // reach disk (synchronous_commit off, for that transaction alone). The
 // message is visible to every node at once and outlives a crash of this
-// node, as a receiving lease; only a crash of the database server before
-// the WAL writer's next flush (wal_writer_delay, 200 ms by default) can
-// lose it, and then its client has not been answered yet, so nothing
-// promised is lost. Commit waits for its flush, and a flush writes all
+// node, as a receiving lease, and a crash of the database server's
+// processes (its WAL is then in the operating system's cache); only a
+// crash of the database's machine (power, kernel) before the WAL
+// writer's next flush (wal_writer_delay, 200 ms by default) can lose it,
+// and then its client has not been answered yet, so nothing promised is
+// lost. Commit waits for its flush, and a flush writes all
 // the WAL before it, Create's included: when Commit returns the message
 // is durable, having cost the client one wait for the disk, not two.
 func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) (*store.Lease, error) {
