@@ -241,16 +241,24 @@ const idBlock = 64
 type unsent struct {
 	mu   sync.Mutex
 	rows map[store.ID][]any // insertQueuedSQL's $1..$10
+	// idMu guards ids apart from rows: a Commit does not wait while a
+	// Create reserves the next block.
+	idMu sync.Mutex
 	ids  []store.ID
 }
 
 // reserveID returns an ID from the reserved block, reserving the next
 // block when it is used up.
 func (u *unsent) reserveID(ctx context.Context, pool *pgxpool.Pool) (store.ID, error) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
+	u.idMu.Lock()
+	defer u.idMu.Unlock()
 	if len(u.ids) == 0 {
-		rows, _ := pool.Query(ctx, "SELECT nextval('spool_message_ids') FROM generate_series(1, $1)", idBlock)
+		// txid_current() gives the statement a transaction ID, so that
+		// its commit waits for the WAL flush as a write's does: nextval
+		// alone commits without it, and a server crash could then hand
+		// the block out again, to another node.
+		rows, _ := pool.Query(ctx,
+			"SELECT nextval('spool_message_ids') FROM generate_series(1, $1), txid_current()", idBlock)
 		ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
 		if err != nil {
 			return 0, err
