@@ -8,7 +8,6 @@ import (
 
 	"github.com/emersion/go-message/textproto"
 	"github.com/emersion/go-smtp"
-	"github.com/foxcpp/maddy/framework/buffer"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/maddy-spool/spool/internal/target/queue/admin"
@@ -315,7 +314,7 @@ func TestAdminChangeToMessageBeingReceived(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.AddRcpt(ctx, "a@x.test", smtp.RcptOptions{})
-	if err := d.Body(ctx, textproto.Header{}, buffer.MemoryBuffer{Slice: []byte(testBody)}); err != nil {
+	if err := d.Body(ctx, textproto.Header{}, largeBuffer()); err != nil {
 		t.Fatal(err)
 	}
 	ctxShort, cancel := context.WithTimeout(ctx, 50*time.Millisecond)

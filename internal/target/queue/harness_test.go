@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -309,3 +310,10 @@ func testHeader() textproto.Header {
 }
 
 func testBuffer() buffer.Buffer { return buffer.MemoryBuffer{Slice: []byte(testBody)} }
+
+// largeBuffer is a body too large for any backend to keep in memory
+// between Body and Commit (store/postgres keeps up to 64 KiB): tests of a
+// stored message being received use it.
+func largeBuffer() buffer.Buffer {
+	return buffer.MemoryBuffer{Slice: []byte(strings.Repeat("Hello, world.\r\n", 5<<10))}
+}

@@ -342,7 +342,7 @@ func TestAbortRemovesStoredMessage(t *testing.T) {
 	h.target.Block()
 	d, _ := h.q.Start(t.Context(), testMeta(), "s@example.org")
 	d.AddRcpt(t.Context(), "a@x.test", smtp.RcptOptions{})
-	if err := d.Body(t.Context(), testHeader(), testBuffer()); err != nil {
+	if err := d.Body(t.Context(), testHeader(), largeBuffer()); err != nil {
 		t.Fatal(err)
 	}
 	if len(h.queued()) != 1 {

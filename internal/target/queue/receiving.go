@@ -26,7 +26,9 @@ import (
 // A crash leaves such an entry in the store, and it is delivered (after a
 // restart, or once its receiving lease expires for a node that does not
 // come back): after a crash between storing a message and answering its
-// client, delivery is at least once, as in any MTA.
+// client, delivery is at least once, as in any MTA. A backend that keeps
+// small messages in memory until Commit (store/postgres) loses such an
+// entry instead; its client, not answered, sends it again.
 const receiveTimeout = 15 * time.Minute
 
 // receivingCheckInterval is how often (in real time) entries are checked

@@ -23,6 +23,12 @@
 //     it. A receiving lease that expires (the node died between storing
 //     and committing) queues the message as it is: it is delivered, at
 //     least once, like a message whose client did not hear the reply.
+//     A backend may instead keep a small message in the node's memory
+//     from Create to Commit, and store it queued at Commit (store/postgres
+//     does, to write each message once): until then no one else sees it
+//     (Get, Walk, Request and ClaimID do not find it), and if the node
+//     dies it is lost, which breaks no promise: its client has had no
+//     reply and sends it again.
 //   - Claim leases messages that are due, not held and not leased, earliest
 //     due first; ClaimID leases one message for an operator change.
 //   - The holder renews the lease while it works (Renew), and ends it with
@@ -63,9 +69,10 @@ type Backend interface {
 	Node() string
 
 	// Create stores a new message (durable at the latest when Commit
-	// returns): m's metadata, the header block and bodyLen bytes read
-	// from body. It assigns m.ID and returns the
-	// receiving lease, held by the caller until Commit or Delete.
+	// returns), or keeps a small one in memory until Commit (see the
+	// package documentation): m's metadata, the header block and bodyLen
+	// bytes read from body. It assigns m.ID and returns the receiving
+	// lease, held by the caller until Commit or Delete.
 	Create(ctx context.Context, m *Message, header []byte, body io.Reader, bodyLen int64) (*Lease, error)
 	// Commit ends a receiving lease: the message is queued, claimable at
 	// its NextAttempt. A request recorded meanwhile is returned as by
@@ -122,9 +129,9 @@ type Backend interface {
 	Get(ctx context.Context, id ID) (*Message, error)
 	// Content opens the stored content of a message.
 	Content(ctx context.Context, m *Message) (Content, error)
-	// Walk calls fn for every stored message (those being received too),
-	// in ID order, without content, with Message.Lease set as by Get.
-	// Damaged entries are quarantined and skipped.
+	// Walk calls fn for every stored message (those being received and
+	// stored too), in ID order, without content, with Message.Lease set
+	// as by Get. Damaged entries are quarantined and skipped.
 	Walk(ctx context.Context, fn func(*Message) error) error
 	// Stats returns the figures of the whole queue.
 	Stats(ctx context.Context) (Stats, error)

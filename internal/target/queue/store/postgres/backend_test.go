@@ -2,6 +2,7 @@ package postgres
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -287,8 +288,11 @@ func TestWalkPages(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			m := newMsg(h, "r@x.test")
-			if _, err := a.Create(ctx, m, []byte(hdr), strings.NewReader(""), 0); err != nil {
+			l, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader(""), 0)
+			if err == nil {
+				_, err = a.Commit(ctx, l)
+			}
+			if err != nil {
 				fail.Store(err)
 			}
 		}()
@@ -300,7 +304,7 @@ func TestWalkPages(t *testing.T) {
 	var last store.ID
 	seen := 0
 	err := a.Walk(ctx, func(m *store.Message) error {
-		if m.ID <= last || m.Lease == nil || !m.Lease.Receiving {
+		if m.ID <= last || m.Lease != nil {
 			return fmt.Errorf("walk gave %v (lease %+v) after %v", m.ID, m.Lease, last)
 		}
 		last = m.ID
@@ -569,9 +573,12 @@ func TestGroupCommit(t *testing.T) {
 				// range) fails alone; the rest of its batch commits.
 				m.NextAttempt = time.Date(300000, 1, 1, 0, 0, 0, 0, time.UTC)
 			}
-			_, err := a.Create(ctx, m, []byte(hdr), strings.NewReader("x"), 1)
+			l, err := a.Create(ctx, m, []byte(hdr), strings.NewReader("x"), 1)
+			if err == nil {
+				_, err = a.Commit(ctx, l)
+			}
 			if (err != nil) != (i == senders/2) {
-				errs <- fmt.Errorf("Create %d: %v", i, err)
+				errs <- fmt.Errorf("Create and Commit %d: %v", i, err)
 			}
 		}()
 	}
@@ -582,9 +589,9 @@ func TestGroupCommit(t *testing.T) {
 		t.Error(err)
 	}
 	batches := a.batches.Load() - before
-	t.Logf("%d creates in %d batches", senders, batches)
+	t.Logf("%d commits in %d batches", senders, batches)
 	if batches >= senders {
-		t.Errorf("%d concurrent creates took %d batches: no group commit", senders, batches)
+		t.Errorf("%d concurrent commits took %d batches: no group commit", senders, batches)
 	}
 	if n := h.queryInt(t, "SELECT count(*) FROM spool_messages"); n != senders-1 {
 		t.Fatalf("%d messages stored, want %d", n, senders-1)
@@ -674,58 +681,47 @@ func TestClaimReadsContent(t *testing.T) {
 	}
 }
 
-// TestLazyCommitScope checks what Create's lazy commit rests on: in a
-// batch (one implicit transaction), lazyCommitSQL turns
-// synchronous_commit off for the statements after it, and for that
-// transaction only.
+// TestLazyCommitScope checks what a large Create's lazy commit rests on:
+// in a transaction, lazyCommitSQL turns synchronous_commit off for the
+// statements after it, and for that transaction only.
 func TestLazyCommitScope(t *testing.T) {
 	h := newHarness(t)
 	conn := h.db(t)
-	setting := func(r pgx.Row) string {
+	setting := func(q interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}) string {
 		var v string
-		if err := r.Scan(&v); err != nil {
+		if err := q.QueryRow(ctx, "SELECT current_setting('synchronous_commit')").Scan(&v); err != nil {
 			t.Fatal(err)
 		}
 		return v
 	}
-	b := &pgx.Batch{}
-	b.Queue(lazyCommitSQL)
-	b.Queue("SELECT current_setting('synchronous_commit')")
-	res := conn.SendBatch(ctx, b)
-	if _, err := res.Exec(); err != nil {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if v := setting(res.QueryRow()); v != "off" {
-		t.Fatalf("synchronous_commit in the lazy batch = %q, want off", v)
-	}
-	if err := res.Close(); err != nil {
+	if _, err := tx.Exec(ctx, lazyCommitSQL); err != nil {
 		t.Fatal(err)
 	}
-	if v := setting(conn.QueryRow(ctx, "SELECT current_setting('synchronous_commit')")); v != "on" {
-		t.Fatalf("synchronous_commit after the lazy batch = %q, want on", v)
+	if v := setting(tx); v != "off" {
+		t.Fatalf("synchronous_commit in the lazy transaction = %q, want off", v)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if v := setting(conn); v != "on" {
+		t.Fatalf("synchronous_commit after the lazy transaction = %q, want on", v)
 	}
 }
 
-// TestLazyBatchesApart checks that creates (lazy) and lease-ending writes
-// (waiting for their flush) sent together are never in one batch, so no
-// Commit, Save, Release or Delete commits lazily, and that all of them are
-// written.
-func TestLazyBatchesApart(t *testing.T) {
+// TestSmallMessageOneWrite checks that a message received in memory costs
+// one write, at Commit, grouped with other sessions' writes: Create
+// writes nothing, and Commit inserts the message queued.
+func TestSmallMessageOneWrite(t *testing.T) {
 	h := newHarness(t)
-	var (
-		mu      sync.Mutex
-		batches [][]bool
-	)
+	var ops atomic.Int64
 	opts := h.options(t, "a")
-	opts.onBatch = func(ops []*op) {
-		var lazy []bool
-		for _, o := range ops {
-			lazy = append(lazy, o.lazy)
-		}
-		mu.Lock()
-		batches = append(batches, lazy)
-		mu.Unlock()
-	}
+	opts.onBatch = func(b []*op) { ops.Add(int64(len(b))) }
 	a := h.openWith(t, opts)
 	const n = 64
 	leases := make([]*store.Lease, n)
@@ -736,18 +732,16 @@ func TestLazyBatchesApart(t *testing.T) {
 		}
 		leases[i] = l
 	}
+	if got := h.queryInt(t, "SELECT count(*) FROM spool_messages"); got != 0 || ops.Load() != 0 {
+		t.Fatalf("after the creates: %d rows, %d writes; want none", got, ops.Load())
+	}
 	var wg sync.WaitGroup
-	errs := make(chan error, 2*n)
-	for i := 0; i < n; i++ {
-		wg.Add(2)
+	errs := make(chan error, n)
+	for _, l := range leases {
+		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := a.Commit(ctx, leases[i])
-			errs <- err
-		}()
-		go func() {
-			defer wg.Done()
-			_, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+			_, err := a.Commit(ctx, l)
 			errs <- err
 		}()
 	}
@@ -758,26 +752,14 @@ func TestLazyBatchesApart(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	lazyOps, syncOps := 0, 0
-	for _, b := range batches {
-		for _, lazy := range b {
-			if lazy != b[0] {
-				t.Fatalf("a batch mixes lazy and waiting writes: %v", b)
-			}
-			if lazy {
-				lazyOps++
-			} else {
-				syncOps++
-			}
-		}
+	if ops.Load() != n {
+		t.Fatalf("%d writes for %d commits", ops.Load(), n)
 	}
-	if lazyOps != 2*n || syncOps != n {
-		t.Fatalf("%d lazy and %d waiting writes sent, want %d creates and %d commits", lazyOps, syncOps, 2*n, n)
+	if got := h.queryInt(t, "SELECT count(*) FROM spool_messages WHERE NOT receiving AND lease_owner IS NULL"); got != n {
+		t.Fatalf("%d messages queued, want %d", got, n)
 	}
-	if got := h.queryInt(t, "SELECT count(*) FROM spool_messages WHERE NOT receiving"); got != n {
-		t.Fatalf("%d messages committed, want %d", got, n)
+	if b := a.batches.Load(); b >= n {
+		t.Fatalf("%d batches for %d concurrent commits: no group commit", b, n)
 	}
 }
 

@@ -17,14 +17,18 @@
 //	spool_messages     one row per message:
 //	  id               bigint from the sequence spool_message_ids: never
 //	                   reused once committed (a failed Create's is
-//	                   skipped, or after a server crash may come again)
+//	                   skipped, or after a server crash may come again);
+//	                   a node reserves 64 at a time for the messages it
+//	                   receives in memory, so IDs follow arrival only
+//	                   roughly across nodes
 //	  meta             the metadata, exactly as store.EncodeMeta writes it
 //	  arrival          Message.Arrival, for Stats
 //	  next_attempt     Message.NextAttempt, as last saved
 //	  claimable_at     when Claim may take the row: next_attempt while
 //	                   no lease holds it, the lease expiry while one does
 //	  held, pending    Message.Held; the number of pending recipients
-//	  receiving        set from Create to Commit
+//	  receiving        set from Create to Commit for a message stored at
+//	                   Create (one larger than InlineLimit)
 //	  lease_owner, lease_expiry
 //	                   the lease (both NULL when none)
 //	  lease_token      the fencing token: 1 at Create, +1 at every claim
@@ -39,6 +43,10 @@
 //	spool_nodes        (name, host, pid, instance, started, heartbeat)
 //	spool_quarantine   damaged rows as they were, with the reason, when
 //	                   and by which node; their chunks stay in spool_chunks
+//
+// Version 2 adds destination (text) and the index spool_messages_destination
+// (destination, claimable_at, id) WHERE NOT held; version 3 compresses
+// header and body with LZ4 where the server supports it.
 //
 // Because a lease moves claimable_at to its expiry, "claimable" is one
 // range of one partial index, NOT held AND claimable_at <= now, an
@@ -80,8 +88,9 @@
 //
 // # Writes, group commit and content
 //
-// A Create whose content fits InlineLimit, and every Commit, Save,
-// Release and Delete, is handed to a committer. A committer sends all the
+// A Create whose content fits InlineLimit writes nothing: the handle keeps
+// the message until Commit, which inserts it queued (see Store.Create).
+// Every Commit, Save, Release and Delete is handed to a committer. A committer sends all the
 // writes waiting (up to 128) as one pgx batch: one round trip and one
 // implicit transaction, so one WAL flush makes every session's message
 // durable at once. Each write is fenced on its own within the batch; a
@@ -91,7 +100,8 @@
 // back and each write is retried alone, so only the bad one fails. Two
 // committers run, so one batch is collected while another commits.
 //
-// A larger Create runs in a transaction of its own: it inserts the row,
+// A larger Create runs in a transaction of its own: it inserts the row
+// with a receiving lease,
 // then COPYs the body into spool_chunks, reading it from the io.Reader one
 // chunk at a time into one buffer; a 50 MB message is never in memory
 // whole. A claim returns the header and inline body of each message it
@@ -107,10 +117,10 @@
 // means its WAL was flushed to disk, and with it the WAL of the Create
 // before it: the message survives a crash of the node and of the
 // database server, and the client may be given 250. The same holds for
-// every other write when it returns, except Create itself, which commits
-// without waiting for the flush (see Store.Create): until Commit, the
-// client has not been answered, and a crash of the database's machine
-// (not of its processes alone) may lose the message. Server settings
+// every other write when it returns, except a large message's Create,
+// which commits without waiting for the flush (see Store.Create): until
+// Commit, the client has not been answered, and a crash of the database's
+// machine (not of its processes alone) may lose the message. Server settings
 // weaken this promise for every client of that server, and this package
 // cannot detect them:
 //
@@ -144,8 +154,10 @@
 // was in flight (or whose caller gave up after the batch was sent). It is
 // reported as an error, and the design bears either outcome: a Create
 // that did commit is a row with a receiving lease, queued when that lease
-// expires (the client, told of a failure, may send again: at least once);
-// a Save, Release or Commit that did commit ended the lease, so the
+// expires, and a small message's Commit that did commit queued it (either
+// way the client, told of a failure, may send again: at least once); a
+// Save, Release or Commit of a stored message that did commit ended the
+// lease, so the
 // holder's retry gets ErrLeaseLost and drops the message, which is
 // correct since the state was written (a request it returned is lost
 // with the reply); one that did not commit leaves the lease as it was. A
@@ -159,8 +171,9 @@
 //     same node name comes back first, it takes them back at once at Open.
 //     Attempts in flight are made again: at least once, bounded by what
 //     was leased on the dead node. Mail still being received when the
-//     node died is queued as it was (the client did not hear 250 and may
-//     send again).
+//     node died is lost if it was small enough to be kept in memory, and
+//     queued as it was otherwise; either way its client did not hear 250
+//     and sends it again.
 //   - A node cut off from the database: its writes fail; its leases expire
 //     and are taken over; when it comes back, its late writes are fenced
 //     off (ErrLeaseLost) and it drops those messages. The cost is one

@@ -117,17 +117,22 @@ func (s *Store) claim(ctx context.Context, sql string, max int, filter any) ([]s
 		due          time.Time
 		header, body []byte
 	}
-	// Planned for each call, with its parameters (QueryExecModeExec),
-	// never from a statement prepared once: PostgreSQL may give a
-	// prepared statement a generic plan, and a generic plan of a claim,
-	// not knowing LIMIT $2, can read every row of the due range, dead
-	// ones included, or join the claimed rows by reading the whole
-	// table. Under a steady load that made each claim read more pages
-	// the longer the load ran (measured with spool-bench -pg-statements:
-	// 3 700 pages and 2.2 ms per claim after an 8-second load, against
-	// 245 pages and 0.6 ms planned each time); planning costs a fraction
-	// of that.
-	rows, _ := s.pool.Query(ctx, sql, pgx.QueryExecModeExec, now, max, s.node, expiry, filter)
+	// Planned for each call, with its parameters, never from a statement
+	// prepared once: PostgreSQL may give a prepared statement a generic
+	// plan, and a generic plan of a claim, not knowing LIMIT $2, can read
+	// every row of the due range, dead ones included, or join the claimed
+	// rows by reading the whole table. Under a steady load that made each
+	// claim read more pages the longer the load ran (measured with
+	// spool-bench -pg-statements: 3 700 pages and 2.2 ms per claim after
+	// an 8-second load, against 245 pages and 0.6 ms planned each time);
+	// planning costs a fraction of that. QueryExecModeCacheDescribe sends
+	// the statement unnamed with each call (so it is planned with its
+	// parameters) and, knowing the result types from a cached
+	// description, asks for binary results. QueryExecModeExec plans the
+	// same way but returns text: the server hex-encodes each claimed body
+	// and this side decodes it (both showed in CPU profiles of an enqueue
+	// load).
+	rows, _ := s.pool.Query(ctx, sql, pgx.QueryExecModeCacheDescribe, now, max, s.node, expiry, filter)
 	got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (row, error) {
 		var x row
 		err := r.Scan(&x.id, &x.token, &x.meta, &x.due, &x.header, &x.body)
@@ -263,10 +268,18 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 	}
 	now := s.now()
 	expiry, recvExpiry := now.Add(s.opts.Lease), now.Add(s.opts.ReceiveLease)
-	ids := make([]int64, len(leases))
-	tokens := make([]int64, len(leases))
-	for i, l := range leases {
-		ids[i], tokens[i] = int64(l.ID), int64(l.Token)
+	var ids, tokens []int64
+	stored := leases[:0:0]
+	for _, l := range leases {
+		if s.unsent.has(l.ID) {
+			l.Expiry = recvExpiry // received in memory: nobody else can take it
+			continue
+		}
+		ids, tokens = append(ids, int64(l.ID)), append(tokens, int64(l.Token))
+		stored = append(stored, l)
+	}
+	if len(stored) == 0 {
+		return nil, nil
 	}
 	rows, _ := s.pool.Query(ctx, renewSQL, ids, tokens, expiry, recvExpiry)
 	renewed := map[int64]bool{} // ID: receiving
@@ -282,7 +295,7 @@ func (s *Store) Renew(ctx context.Context, leases []*store.Lease) ([]*store.Leas
 		return nil, fmt.Errorf("postgres: renew: %w", err)
 	}
 	var lost []*store.Lease
-	for _, l := range leases {
+	for _, l := range stored {
 		receiving, ok := renewed[int64(l.ID)]
 		switch {
 		case !ok:

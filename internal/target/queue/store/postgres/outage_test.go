@@ -54,8 +54,13 @@ func TestOutage(t *testing.T) {
 	}
 	const limit = 10 * time.Second
 	calls := map[string]func(ctx context.Context) error{
-		"Create": func(ctx context.Context) error {
-			_, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+		// A small message is received in memory: Create may succeed,
+		// Commit (before the client is answered) fails.
+		"Create and Commit": func(ctx context.Context) error {
+			l, err := a.Create(ctx, newMsg(h, "r@x.test"), []byte(hdr), strings.NewReader("x"), 1)
+			if err == nil {
+				_, err = a.Commit(ctx, l)
+			}
 			return err
 		},
 		"Claim":   func(ctx context.Context) error { _, err := a.Claim(ctx, 5, nil); return err },

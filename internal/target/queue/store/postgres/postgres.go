@@ -108,6 +108,9 @@ type Store struct {
 	// read by the claim itself, until Content takes it or the lease ends
 	// (see claimedContent).
 	claimed claimedContent
+	// unsent holds the messages this handle receives in memory until
+	// Commit (see Create).
+	unsent unsent
 
 	closeMu   sync.Mutex
 	closed    bool

@@ -90,6 +90,8 @@ func TestConformance(t *testing.T) {
 			Clock:        h.clock,
 			Lease:        testLease,
 			ReceiveLease: testReceiveLease,
+			// Content up to InlineLimit is received in memory (Create).
+			InMemoryUntilCommit: DefaultInlineLimit,
 		}
 	})
 }
@@ -99,7 +101,9 @@ func TestConformance(t *testing.T) {
 func TestReader(t *testing.T) {
 	dsn := pgtest.Database(t)
 	ctx := context.Background()
-	s, err := Open(ctx, Options{DSN: dsn, Node: "a"})
+	// Content above InlineLimit: stored at Create, so visible while being
+	// received.
+	s, err := Open(ctx, Options{DSN: dsn, Node: "a", InlineLimit: 8})
 	if err != nil {
 		t.Fatal(err)
 	}

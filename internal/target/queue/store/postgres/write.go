@@ -1,26 +1,29 @@
 package postgres
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
 )
 
-// Group commit. Small creates and every lease-ending write (Commit, Save,
-// Release, Delete) are ops handed to the committers. A committer takes
-// whatever ops are waiting (up to maxBatch) and sends them as one pgx
-// batch: one round trip, one implicit transaction, one commit and so one
-// WAL flush for all of them. Each op is fenced on its own inside the
-// batch; a fenced write that matches no row is that op's ErrLeaseLost, not
-// a failure of the batch. Each caller returns once the batch committed.
+// Group commit. Every Commit, Save, Release and Delete is an op handed
+// to the committers. A committer takes whatever ops are waiting (up to
+// maxBatch) and sends them as one pgx batch: one round trip, one implicit
+// transaction, one commit and so one WAL flush for all of them. Each op is
+// fenced on its own inside the batch; a fenced write that matches no row
+// is that op's ErrLeaseLost, not a failure of the batch. Each caller
+// returns once the batch committed.
 const (
 	// committers is how many batches can be in flight at once: while one
 	// waits for its commit, the next collects ops.
@@ -44,10 +47,7 @@ type op struct {
 	queue func(b *pgx.Batch, o *op)
 	err   error // the op's own outcome, e.g. ErrLeaseLost
 	wake  bool  // the op made a message claimable now
-	// lazy marks a write whose commit need not wait for its WAL flush
-	// (see Create); lazy ops are batched apart from the others.
-	lazy bool
-	done chan error
+	done  chan error
 }
 
 // submit hands o to a committer and waits until its batch committed.
@@ -101,36 +101,11 @@ func (s *Store) runBatch(ops []*op) {
 	if len(live) == 0 {
 		return
 	}
-	slices.SortStableFunc(live, func(a, b *op) int {
-		switch {
-		case a.lazy != b.lazy:
-			return boolCompare(a.lazy, b.lazy)
-		case a.id < b.id:
-			return -1
-		case a.id > b.id:
-			return 1
-		}
-		return 0
-	})
-	split := slices.IndexFunc(live, func(o *op) bool { return o.lazy })
-	if split < 0 {
-		split = len(live)
-	}
-	for _, part := range [][]*op{live[split:], live[:split]} {
-		if len(part) > 0 {
-			s.runPart(part)
-		}
-	}
+	slices.SortFunc(live, func(a, b *op) int { return cmp.Compare(a.id, b.id) })
+	s.runPart(live)
 }
 
-func boolCompare(a, b bool) int {
-	if a {
-		return 1
-	}
-	return -1
-}
-
-// runPart sends ops, all lazy or none, as one batch.
+// runPart sends ops as one batch.
 func (s *Store) runPart(ops []*op) {
 	err := s.execBatch(ops)
 	var pgErr *pgconn.PgError
@@ -145,8 +120,8 @@ func (s *Store) runPart(ops []*op) {
 	s.finish(ops, err)
 }
 
-// lazyCommitSQL makes the commit of the batch's transaction return
-// without waiting for its WAL to reach disk (see Create).
+// lazyCommitSQL makes the commit of the transaction it runs in return
+// without waiting for its WAL to reach disk (see createChunked).
 const lazyCommitSQL = "SELECT set_config('synchronous_commit', 'off', true)"
 
 func (s *Store) execBatch(ops []*op) error {
@@ -154,9 +129,6 @@ func (s *Store) execBatch(ops []*op) error {
 		s.opts.onBatch(ops)
 	}
 	b := &pgx.Batch{}
-	if ops[0].lazy {
-		b.Queue(lazyCommitSQL)
-	}
 	for _, o := range ops {
 		o.err, o.wake = nil, false
 		o.queue(b, o)
@@ -185,27 +157,43 @@ func (s *Store) finish(ops []*op, err error) {
 	}
 }
 
-const insertSQL = `
+// insertReceivingSQL inserts a message being received (createChunked).
+const insertReceivingSQL = `
 INSERT INTO spool_messages (meta, arrival, next_attempt, claimable_at, held, pending, receiving,
 	lease_owner, lease_expiry, lease_token, header, body, body_len, destination)
-VALUES ($1, $2, $3, $4, $5, $6, true, $7, $4, 1, $8, $9, $10, $11)
+VALUES ($1, $2, $3, $4, $5, $6, true, $7, $4, 1, $8, NULL, $9, $10)
 RETURNING id`
 
-// Create stores a new message leased to the caller until Commit. Content
-// up to InlineLimit is written by the group committer; a larger body is
-// streamed into spool_chunks in a transaction of its own.
+// insertQueuedSQL inserts a message received in memory (Create), queued:
+// no lease, claimable at its next attempt, token 1 as its receiving lease
+// had. spool_wake notifies $11 when it is claimable now ($12).
+const insertQueuedSQL = `
+INSERT INTO spool_messages (id, meta, arrival, next_attempt, claimable_at, held, pending, receiving,
+	lease_token, header, body, body_len, destination)
+VALUES ($1, $2, $3, $4, $4, $5, $6, false, 1, $7, $8, $9, $10)
+RETURNING spool_wake($11, NOT $5 AND $4 <= $12)`
+
+// Create stores a new message leased to the caller until Commit.
 //
-// Create's transaction commits lazily: it does not wait for its WAL to
-// reach disk (synchronous_commit off, for that transaction alone). The
-// message is visible to every node at once and outlives a crash of this
-// node, as a receiving lease, and a crash of the database server's
-// processes (its WAL is then in the operating system's cache); only a
-// crash of the database's machine (power, kernel) before the WAL
+// A message whose content fits InlineLimit is kept in this handle's
+// memory until Commit, which inserts it already queued: one write per
+// message, in a group commit with other sessions' writes, and one wait
+// for the disk. Until then no other node sees it (Get, Walk and Request
+// do not find it), and a crash of this node loses it, which costs nothing
+// promised: its client has not been answered and sends it again. Its ID
+// comes from a block this handle reserved from spool_message_ids.
+//
+// A larger message is streamed into spool_chunks as it is read, in a
+// transaction of its own that commits lazily: it does not wait for its
+// WAL to reach disk (synchronous_commit off, for that transaction alone).
+// Such a message is visible to every node at once and outlives a crash
+// of this node, as a receiving lease, and a crash of the database
+// server's processes (its WAL is then in the operating system's cache);
+// only a crash of the database's machine (power, kernel) before the WAL
 // writer's next flush (wal_writer_delay, 200 ms by default) can lose it,
-// and then its client has not been answered yet, so nothing promised is
-// lost. Commit waits for its flush, and a flush writes all
-// the WAL before it, Create's included: when Commit returns the message
-// is durable, having cost the client one wait for the disk, not two.
+// and then its client has not been answered yet either. Commit waits for
+// its flush, and a flush writes all the WAL before it, Create's included:
+// when Commit returns the message is durable.
 func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, body io.Reader, bodyLen int64) (*store.Lease, error) {
 	if err := s.enter(); err != nil {
 		return nil, err
@@ -220,25 +208,93 @@ func (s *Store) Create(ctx context.Context, m *store.Message, header []byte, bod
 		return nil, fmt.Errorf("postgres: encode metadata: %w", err)
 	}
 	expiry := s.now().Add(s.opts.ReceiveLease)
-	args := []any{meta, m.Arrival, m.NextAttempt, expiry, m.Held, len(m.Pending()), s.node, header, nil, bodyLen, m.Destination}
-	var id int64
-	if int64(len(header))+bodyLen <= s.opts.InlineLimit {
-		inline := make([]byte, bodyLen)
-		if _, err := io.ReadFull(body, inline); err != nil {
-			return nil, fmt.Errorf("postgres: read body: %w", err)
+	if int64(len(header))+bodyLen > s.opts.InlineLimit {
+		args := []any{meta, m.Arrival, m.NextAttempt, expiry, m.Held, len(m.Pending()), s.node, header, bodyLen, m.Destination}
+		id, err := s.createChunked(ctx, args, body, bodyLen)
+		if err != nil {
+			return nil, err
 		}
-		args[8] = inline
-		err = s.submit(ctx, &op{lazy: true, queue: func(b *pgx.Batch, o *op) {
-			b.Queue(insertSQL, args...).QueryRow(func(r pgx.Row) error { return r.Scan(&id) })
-		}})
-	} else {
-		id, err = s.createChunked(ctx, args, body, bodyLen)
+		m.ID = store.ID(id)
+		return &store.Lease{ID: m.ID, Owner: s.node, Token: 1, Expiry: expiry}, nil
 	}
+	inline := make([]byte, bodyLen)
+	if _, err := io.ReadFull(body, inline); err != nil {
+		return nil, fmt.Errorf("postgres: read body: %w", err)
+	}
+	id, err := s.unsent.reserveID(ctx, s.pool)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("postgres: reserve a message ID: %w", err)
 	}
-	m.ID = store.ID(id)
+	m.ID = id
+	s.unsent.keep(id, []any{int64(id), meta, m.Arrival, m.NextAttempt, m.Held, len(m.Pending()),
+		header, inline, bodyLen, m.Destination})
 	return &store.Lease{ID: m.ID, Owner: s.node, Token: 1, Expiry: expiry}, nil
+}
+
+// idBlock is how many message IDs a handle reserves at a time for the
+// messages it receives in memory. IDs of a block not used before the
+// handle closes are skipped, as a sequence's are after a rollback.
+const idBlock = 64
+
+// unsent holds the messages this handle receives in memory, from Create
+// to Commit or Delete (see Create), and the IDs reserved for them.
+type unsent struct {
+	mu   sync.Mutex
+	rows map[store.ID][]any // insertQueuedSQL's $1..$10
+	// idMu guards ids apart from rows: a Commit does not wait while a
+	// Create reserves the next block.
+	idMu sync.Mutex
+	ids  []store.ID
+}
+
+// reserveID returns an ID from the reserved block, reserving the next
+// block when it is used up.
+func (u *unsent) reserveID(ctx context.Context, pool *pgxpool.Pool) (store.ID, error) {
+	u.idMu.Lock()
+	defer u.idMu.Unlock()
+	if len(u.ids) == 0 {
+		// txid_current() gives the statement a transaction ID, so that
+		// its commit waits for the WAL flush as a write's does: nextval
+		// alone commits without it, and a server crash could then hand
+		// the block out again, to another node.
+		rows, _ := pool.Query(ctx,
+			"SELECT nextval('spool_message_ids') FROM generate_series(1, $1), txid_current()", idBlock)
+		ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return 0, err
+		}
+		for _, id := range ids {
+			u.ids = append(u.ids, store.ID(id))
+		}
+	}
+	id := u.ids[0]
+	u.ids = u.ids[1:]
+	return id, nil
+}
+
+func (u *unsent) keep(id store.ID, row []any) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.rows == nil {
+		u.rows = make(map[store.ID][]any)
+	}
+	u.rows[id] = row
+}
+
+// take removes and returns the row of message id, if it is held here.
+func (u *unsent) take(id store.ID) ([]any, bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	row, ok := u.rows[id]
+	delete(u.rows, id)
+	return row, ok
+}
+
+func (u *unsent) has(id store.ID) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	_, ok := u.rows[id]
+	return ok
 }
 
 // createChunked inserts the message row and COPYs the body into
@@ -253,7 +309,7 @@ func (s *Store) createChunked(ctx context.Context, args []any, body io.Reader, b
 		return 0, fmt.Errorf("postgres: write: %w", err)
 	}
 	var id int64
-	if err := tx.QueryRow(ctx, insertSQL, args...).Scan(&id); err != nil {
+	if err := tx.QueryRow(ctx, insertReceivingSQL, args...).Scan(&id); err != nil {
 		return 0, fmt.Errorf("postgres: write: %w", err)
 	}
 	src := &chunkSource{id: id, r: body, left: bodyLen, buf: make([]byte, min(bodyLen, chunkSize))}
@@ -366,9 +422,26 @@ func (s *Store) endLease(ctx context.Context, l *store.Lease, m *store.Message) 
 	return store.Request(req), nil
 }
 
-// Commit ends a receiving lease: the message is queued.
+// Commit ends a receiving lease: the message is queued. A message
+// received in memory is inserted now.
 func (s *Store) Commit(ctx context.Context, l *store.Lease) (store.Request, error) {
-	return s.endLease(ctx, l, nil)
+	row, ok := s.unsent.take(l.ID)
+	if !ok {
+		return s.endLease(ctx, l, nil)
+	}
+	if err := s.enter(); err != nil {
+		return 0, err
+	}
+	defer s.leave()
+	row = append(row, s.channel, s.now())
+	err := s.submit(ctx, &op{id: l.ID, queue: func(b *pgx.Batch, o *op) {
+		b.Queue(insertQueuedSQL, row...).QueryRow(func(r pgx.Row) error { return r.Scan(&o.wake) })
+	}})
+	if err != nil {
+		return 0, err
+	}
+	s.signalWake() // see endLease
+	return 0, nil
 }
 
 // Save writes m and ends l (or keeps it and returns a recorded request).
@@ -399,6 +472,9 @@ func (s *Store) Delete(ctx context.Context, l *store.Lease) error {
 	}
 	defer s.leave()
 	s.claimed.forget(l.ID)
+	if _, ok := s.unsent.take(l.ID); ok {
+		return nil // received in memory: nothing was written
+	}
 	return s.submit(ctx, &op{id: l.ID, queue: func(b *pgx.Batch, o *op) {
 		b.Queue(deleteSQL, int64(l.ID), int64(l.Token)).QueryRow(func(r pgx.Row) error {
 			var n int

@@ -62,6 +62,11 @@ type Harness struct {
 	// Lease is how long a lease lasts unless renewed; ReceiveLease how
 	// long a receiving lease (Create to Commit) lasts.
 	Lease, ReceiveLease time.Duration
+	// InMemoryUntilCommit is the largest content (header and body) the
+	// backend's Create keeps in the node's memory until Commit instead of
+	// storing it (0: Create always stores). Tests of a stored message
+	// being received use larger content.
+	InMemoryUntilCommit int64
 }
 
 // Run runs the suite; newHarness makes a fresh, empty store per test.
@@ -84,6 +89,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) *Harness) {
 		{"RequestAtCommit", testRequestAtCommit},
 		{"RequestOnReleaseAndDelete", testRequestOnReleaseAndDelete},
 		{"ReceivingLeaseExpires", testReceivingLeaseExpires},
+		{"ReceivedInMemory", testReceivedInMemory},
 		{"Stats", testStats},
 		{"Content", testContent},
 		{"GetAndWalkShowLeases", testGetAndWalkShowLeases},
@@ -119,6 +125,16 @@ func newMessage(h *Harness, addrs ...string) *store.Message {
 func create(t *testing.T, b store.Backend, m *store.Message) *store.Lease {
 	t.Helper()
 	return createBody(t, b, m, "Hello.\r\n")
+}
+
+// createStored stores m as a message being received: with content too
+// large for the backend to keep it in memory until Commit.
+func createStored(t *testing.T, h *Harness, b store.Backend, m *store.Message) *store.Lease {
+	t.Helper()
+	if h.InMemoryUntilCommit == 0 {
+		return create(t, b, m)
+	}
+	return createBody(t, b, m, strings.Repeat("x", int(h.InMemoryUntilCommit)))
 }
 
 func createBody(t *testing.T, b store.Backend, m *store.Message, body string) *store.Lease {
@@ -451,7 +467,7 @@ func testRequestsAppliedAtSave(t *testing.T, h *Harness) {
 func testRequestAtCommit(t *testing.T, h *Harness) {
 	a, b := h.Open(t, "a"), h.Open(t, "b")
 	m := newMessage(h, "r@x.test")
-	l := create(t, a, m)
+	l := createStored(t, h, a, m)
 	if err := b.Request(ctx, m.ID, store.RequestHold); err != nil {
 		t.Fatalf("Request on a message being received: %v", err)
 	}
@@ -488,13 +504,67 @@ func testRequestOnReleaseAndDelete(t *testing.T, h *Harness) {
 func testReceivingLeaseExpires(t *testing.T, h *Harness) {
 	a, b := h.Open(t, "a"), h.Open(t, "b")
 	m := newMessage(h, "r@x.test")
-	l := create(t, a, m)
+	l := createStored(t, h, a, m)
 	h.Clock.Advance(h.ReceiveLease - time.Second)
 	claimNone(t, b, "receiving lease still valid")
 	h.Clock.Advance(2 * time.Second)
 	claimOne(t, b, m.ID)
 	if _, err := a.Commit(ctx, l); !errors.Is(err, store.ErrLeaseLost) {
 		t.Fatalf("Commit after the receiving lease was taken over = %v", err)
+	}
+}
+
+// testReceivedInMemory checks a message Create keeps in memory: nothing
+// else sees it until Commit, Renew keeps its lease, Delete leaves nothing
+// behind, and a crash loses it (its client was not answered) without its
+// ID being given again.
+func testReceivedInMemory(t *testing.T, h *Harness) {
+	if h.InMemoryUntilCommit == 0 {
+		t.Skip("the backend stores every message at Create")
+	}
+	a, b := h.Open(t, "a"), h.Open(t, "b")
+	m := newMessage(h, "r@x.test")
+	l := create(t, a, m)
+	if _, err := b.Get(ctx, m.ID); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("Get on another node of a message received in memory = %v, want ErrNotFound", err)
+	}
+	if err := b.Request(ctx, m.ID, store.RequestHold); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("Request = %v, want ErrNotFound", err)
+	}
+	n := 0
+	if err := a.Walk(ctx, func(*store.Message) error { n++; return nil }); err != nil || n != 0 {
+		t.Fatalf("Walk saw %d messages, %v", n, err)
+	}
+	h.Clock.Advance(h.ReceiveLease / 2)
+	if lost, err := a.Renew(ctx, []*store.Lease{l}); err != nil || len(lost) != 0 {
+		t.Fatalf("Renew = %v, %v", lost, err)
+	}
+	h.Clock.Advance(h.ReceiveLease)
+	if r, err := a.Commit(ctx, l); err != nil || r != 0 {
+		t.Fatalf("Commit = %v, %v", r, err)
+	}
+	c := claimOne(t, b, m.ID)
+	if c.Lease.Token <= l.Token {
+		t.Fatalf("claim token %d not above the receiving lease's %d", c.Lease.Token, l.Token)
+	}
+
+	aborted := newMessage(h, "aborted@x.test")
+	if err := a.Delete(ctx, create(t, a, aborted)); err != nil {
+		t.Fatal(err)
+	}
+	lost := newMessage(h, "lost@x.test")
+	create(t, a, lost)
+	h.Crash(t)
+	a = h.Open(t, "a")
+	for _, id := range []store.ID{aborted.ID, lost.ID} {
+		if _, err := a.Get(ctx, id); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("Get(%v) after the crash = %v, want ErrNotFound", id, err)
+		}
+	}
+	next := newMessage(h, "next@x.test")
+	create(t, a, next)
+	if next.ID == lost.ID || next.ID == aborted.ID || next.ID == m.ID {
+		t.Fatalf("ID %v given again", next.ID)
 	}
 }
 
@@ -509,7 +579,7 @@ func testStats(t *testing.T, h *Harness) {
 	idNewer := queue(t, a, newer)
 	older.Arrival = T0 // imported mail: older than its ID says
 	idOlder := queue(t, a, older)
-	create(t, a, newMessage(h, "receiving@x.test"))
+	createStored(t, h, a, newMessage(h, "receiving@x.test"))
 	want := store.Stats{Messages: 2, Recipients: 4, Oldest: T0}
 	if st, _ := a.Stats(ctx); st.Messages != want.Messages || st.Recipients != want.Recipients || st.Held != 0 || !st.Oldest.Equal(T0) {
 		t.Fatalf("Stats = %+v, want %+v", st, want)
@@ -545,7 +615,10 @@ func testContent(t *testing.T, h *Harness) {
 				body[i] = byte('a' + i%26)
 			}
 			m := newMessage(h, "r@x.test")
-			createBody(t, a, m, string(body))
+			l := createBody(t, a, m, string(body))
+			if _, err := a.Commit(ctx, l); err != nil {
+				t.Fatal(err)
+			}
 			got := get(t, a, m.ID)
 			if got.HeaderLen != int64(len(testHeader)) || got.BodyLen != int64(size) {
 				t.Fatalf("stored lengths %d/%d", got.HeaderLen, got.BodyLen)
@@ -577,7 +650,7 @@ func testGetAndWalkShowLeases(t *testing.T, h *Harness) {
 	idFree := queue(t, a, newMessage(h, "free@x.test"))
 	idLeased := queue(t, a, newMessage(h, "leased@x.test"))
 	receiving := newMessage(h, "receiving@x.test")
-	create(t, a, receiving)
+	createStored(t, h, a, receiving)
 	c, err := b.ClaimID(ctx, idLeased)
 	if err != nil {
 		t.Fatal(err)
@@ -609,7 +682,7 @@ func testCrashGivesLeasesBack(t *testing.T, h *Harness) {
 	id := queue(t, a, newMessage(h, "claimed@x.test"))
 	c := claimOne(t, a, id)
 	receiving := newMessage(h, "receiving@x.test")
-	create(t, a, receiving)
+	createStored(t, h, a, receiving)
 	h.Crash(t)
 	// The node that held the leases is back: what it held is claimable at
 	// once, the message it was receiving included (at least once).
