@@ -50,6 +50,7 @@ import (
 	"sort"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -277,6 +278,18 @@ func Unmount(srv *fuse.Server) error {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return err
+}
+
+// Require skips t where FUSE cannot be used (Available), except under CI
+// (the environment variable CI set), where it fails t instead.
+func Require(t testing.TB) {
+	t.Helper()
+	if err := Available(); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("FUSE is needed for this test in CI: %v", err)
+		}
+		t.Skipf("FUSE not available, test skipped: %v", err)
+	}
 }
 
 // Available reports why FUSE cannot be mounted here, or nil if it can be

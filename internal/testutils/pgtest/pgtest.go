@@ -86,6 +86,11 @@ type Cluster struct {
 type Options struct {
 	// Settings are extra postgresql.conf lines, e.g. "fsync = off".
 	Settings []string
+	// WALDir, if set, is where the cluster keeps its WAL (initdb -X),
+	// e.g. a lazyfs mount for a power-loss test. initdb then syncs what it
+	// wrote, so that the state it leaves is durable: the first checkpoint
+	// record is in the WAL a crash must not lose.
+	WALDir string
 }
 
 // New creates and starts a cluster. The caller stops it with Close.
@@ -114,7 +119,13 @@ func New(opts Options) (*Cluster, error) {
 		}
 	}
 	data := c.dataDir()
-	if out, err := c.run("initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"); err != nil {
+	args := []string{"-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8"}
+	if opts.WALDir != "" {
+		args = append(args, "-X", opts.WALDir)
+	} else {
+		args = append(args, "--no-sync") // throwaway: nothing to keep
+	}
+	if out, err := c.run("initdb", args...); err != nil {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("initdb: %v\n%s", err, out)
 	}

@@ -117,7 +117,7 @@ func TestFsyncFailure(t *testing.T) {
 	if testing.Short() {
 		t.Skip("spawns processes and mounts FUSE")
 	}
-	plNeedFUSE(t)
+	lazyfs.Require(t)
 	page := int64(os.Getpagesize())
 	// bbolt's data pages follow its two meta pages.
 	dataPage := func(w lazyfs.Extent) bool { return w.Off+w.Len > 2*page }

@@ -265,17 +265,6 @@ func plRun(t *testing.T, spec string, frozen <-chan struct{}) []string {
 	return strings.Split(strings.TrimSpace(stdout.String()), "\n")
 }
 
-// plNeedFUSE skips the test where FUSE cannot be used, except in CI.
-func plNeedFUSE(t *testing.T) {
-	t.Helper()
-	if err := lazyfs.Available(); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("FUSE is needed for this test in CI: %v", err)
-		}
-		t.Skipf("FUSE not available, test skipped: %v", err)
-	}
-}
-
 // plMount mounts fsys at mnt and returns the function that unmounts it.
 func plMount(t *testing.T, fsys *lazyfs.FS, mnt string) func() {
 	t.Helper()
@@ -308,7 +297,7 @@ func TestPowerLoss(t *testing.T) {
 	if testing.Short() {
 		t.Skip("spawns processes and mounts FUSE")
 	}
-	plNeedFUSE(t)
+	lazyfs.Require(t)
 	seed := time.Now().UnixNano()
 	if s := os.Getenv("SPOOL_POWERLOSS_SEED"); s != "" {
 		seed, _ = strconv.ParseInt(s, 10, 64)

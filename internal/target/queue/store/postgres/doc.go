@@ -120,9 +120,13 @@
 // every other write when it returns, except a large message's Create,
 // which commits without waiting for the flush (see Store.Create): until
 // Commit, the client has not been answered, and a crash of the database's
-// machine (not of its processes alone) may lose the message. Server settings
-// weaken this promise for every client of that server, and this package
-// cannot detect them:
+// machine (not of its processes alone) may lose the message. TestPowerLoss
+// checks the promise against a power cut: the server's WAL on a file
+// system that loses what was not fsynced, killed while sessions commit,
+// every acknowledged message there after recovery (with
+// synchronous_commit = off for the sessions, it finds acknowledged
+// messages gone). Server settings weaken this promise for every client
+// of that server, and this package cannot detect them:
 //
 //   - synchronous_commit = off: a commit returns before its WAL is
 //     flushed. A server crash (not a clean shutdown) loses up to about
