@@ -128,7 +128,9 @@ func (d *Dispatcher) Run(ctx context.Context, fn func(c store.Claim, dec Decisio
 		case err != nil:
 			d.onError(err)
 			d.sleep(ctx, ErrorBackoff, nil)
-		case sent == 0:
+		case sent < free:
+			// The store had nothing more for the free slots: claiming
+			// again at once would find nothing. Wait until it has.
 			d.waitDue(ctx)
 		}
 	}
@@ -141,18 +143,27 @@ func (d *Dispatcher) onError(err error) {
 }
 
 // waitDue waits until the store's next message (of a destination with
-// room) is due or a suspended destination's probe is, or until the store
-// says something may be due earlier, or an attempt ends and makes room.
+// room) is due or a suspended destination's probe is. A wake-up (the
+// store says something may be due earlier, or an attempt ends and makes
+// room) makes it ask the store again rather than claim: a claim is a
+// write, and most wake-ups of a node sharing its store with others are
+// for mail another node has claimed already; asking when the next
+// message is due is a read.
 func (d *Dispatcher) waitDue(ctx context.Context) {
-	due, ok, err := d.Source.NextDue(ctx, d.Destinations.Skip())
-	if err != nil {
-		d.onError(err)
-		due, ok = d.Clock.Now().Add(ErrorBackoff), true
+	for ctx.Err() == nil {
+		due, ok, err := d.Source.NextDue(ctx, d.Destinations.Skip())
+		if err != nil {
+			d.onError(err)
+			due, ok = d.Clock.Now().Add(ErrorBackoff), true
+		}
+		if probe, pok := d.Destinations.NextProbe(); pok && (!ok || probe.Before(due)) {
+			due, ok = probe, true
+		}
+		if ok && !due.After(d.Clock.Now()) {
+			return
+		}
+		d.sleepUntil(ctx, due, ok, d.Source.Wake())
 	}
-	if probe, pok := d.Destinations.NextProbe(); pok && (!ok || probe.Before(due)) {
-		due, ok = probe, true
-	}
-	d.sleepUntil(ctx, due, ok, d.Source.Wake())
 }
 
 func (d *Dispatcher) sleep(ctx context.Context, wait time.Duration, wake <-chan struct{}) {

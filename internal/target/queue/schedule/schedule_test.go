@@ -110,10 +110,12 @@ type fakeSource struct {
 	wake  chan struct{}
 	// claims counts Claim calls; maxAsked is the largest max asked for.
 	claims, maxAsked int
+	// asked receives a value at each NextDue call.
+	asked chan struct{}
 }
 
 func newFakeSource(clock *FakeClock) *fakeSource {
-	return &fakeSource{clock: clock, due: map[store.ID]time.Time{}, wake: make(chan struct{}, 1)}
+	return &fakeSource{clock: clock, due: map[store.ID]time.Time{}, wake: make(chan struct{}, 1), asked: make(chan struct{}, 100)}
 }
 
 func (s *fakeSource) add(id store.ID, due time.Time) {
@@ -163,6 +165,10 @@ func (s *fakeSource) Claim(ctx context.Context, n int, skip []string) ([]store.C
 func (s *fakeSource) NextDue(ctx context.Context, skip []string) (time.Time, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	select {
+	case s.asked <- struct{}{}:
+	default:
+	}
 	var next time.Time
 	ok := false
 	for _, due := range s.due {
@@ -174,6 +180,12 @@ func (s *fakeSource) NextDue(ctx context.Context, skip []string) (time.Time, boo
 }
 
 func (s *fakeSource) Wake() <-chan struct{} { return s.wake }
+
+func (s *fakeSource) claimCalls() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.claims
+}
 
 func (s *fakeSource) left() int {
 	s.mu.Lock()
@@ -247,6 +259,44 @@ func TestWakeDispatchesEarlierMessage(t *testing.T) {
 	src.add(2, t0) // due now; the source wakes the dispatcher
 	if id := <-got; id != 2 {
 		t.Fatalf("dispatched %v", id)
+	}
+}
+
+// TestWakeClaimsOnlyWhatIsDue: a claim that leaves slots free is not
+// repeated at once, and a wake-up while nothing is due asks when the next
+// message is due rather than claiming: in a cluster, most wake-ups are
+// for mail another node has claimed already, and a claim is a write.
+func TestWakeClaimsOnlyWhatIsDue(t *testing.T) {
+	clock := NewFakeClock(t0)
+	src := newFakeSource(clock)
+	got := make(chan store.ID, 2)
+	src.add(1, t0)
+	src.add(2, t0.Add(time.Hour))
+	runDispatcher(t, clock, src, 4, func(c store.Claim, _ func()) { got <- c.Message.ID })
+	if id := <-got; id != 1 {
+		t.Fatalf("dispatched %v", id)
+	}
+	clock.WaitTimers(1) // asleep until message 2 is due
+	if n := src.claimCalls(); n != 1 {
+		t.Fatalf("%d claims for one due message, want 1", n)
+	}
+	for i := 0; i < 5; i++ {
+		for len(src.asked) > 0 {
+			<-src.asked
+		}
+		src.wake <- struct{}{}
+		<-src.asked // the wake-up asked the source again
+		clock.WaitTimers(1)
+	}
+	if n := src.claimCalls(); n != 1 {
+		t.Fatalf("%d claims after wake-ups with nothing due, want 1", n)
+	}
+	clock.Advance(time.Hour)
+	if id := <-got; id != 2 {
+		t.Fatalf("dispatched %v", id)
+	}
+	if n := src.claimCalls(); n != 2 {
+		t.Fatalf("%d claims, want 2", n)
 	}
 }
 
