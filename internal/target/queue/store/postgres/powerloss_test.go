@@ -17,6 +17,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/maddy-spool/spool/internal/target/queue/store"
+	"github.com/maddy-spool/spool/internal/target/queue/store/embedded"
 	"github.com/maddy-spool/spool/internal/testutils/lazyfs"
 	"github.com/maddy-spool/spool/internal/testutils/pgtest"
 )
@@ -49,6 +50,35 @@ func TestPowerLoss(t *testing.T) {
 	t.Logf("seed %d (SPOOL_POWERLOSS_SEED=%d repeats this run)", seed, seed)
 	rng := rand.New(rand.NewSource(seed))
 
+	srv := newPowerServer(t)
+	acked := map[store.ID][]byte{} // every acknowledged message: its body
+	for round := 0; round < 3; round++ {
+		s, err := Open(ctx, Options{DSN: srv.dsn, Node: "a", Logf: func(string, ...any) {}})
+		if err != nil {
+			t.Fatalf("round %d: Open: %v", round, err)
+		}
+		stop := plLoad(t, s, rng.Int63(), 64, acked)
+		srv.powerCut(rng, func() {
+			stop()
+			s.crash()
+		})
+		plVerify(t, srv.dsn, acked)
+		t.Logf("round %d: %d acknowledged messages so far, all there", round, len(acked))
+	}
+}
+
+// powerServer is a PostgreSQL server whose WAL is on a lazyfs mount, with
+// one database, for power-loss tests.
+type powerServer struct {
+	t    *testing.T
+	fsys *lazyfs.FS
+	base string       // the mount point
+	srv  *fuse.Server // the current mount, nil while unmounted
+	c    *pgtest.Cluster
+	dsn  string
+}
+
+func newPowerServer(t *testing.T) *powerServer {
 	// The server runs as another user: it must be able to reach the mount.
 	base, err := os.MkdirTemp("", "spool-pg-wal-")
 	if err != nil {
@@ -58,69 +88,58 @@ func TestPowerLoss(t *testing.T) {
 	if err := os.Chmod(base, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	fsys := lazyfs.New()
-	var (
-		srv *fuse.Server // the current mount, nil while unmounted
-		c   *pgtest.Cluster
-	)
+	p := &powerServer{t: t, fsys: lazyfs.New(), base: base}
 	t.Cleanup(func() { // the server first: it keeps files open on the mount
-		if c != nil {
-			c.Close()
+		if p.c != nil {
+			p.c.Close()
 		}
-		if srv != nil {
-			lazyfs.Unmount(srv)
+		if p.srv != nil {
+			lazyfs.Unmount(p.srv)
 		}
 	})
-	mount := func() {
-		var err error
-		if srv, err = fsys.Mount(base); err != nil {
-			t.Fatalf("mounting lazyfs: %v", err)
-		}
-	}
-	unmount := func() {
-		if err := lazyfs.Unmount(srv); err != nil {
-			t.Fatalf("unmount: %v", err)
-		}
-		srv = nil
-	}
-	mount()
+	p.mount()
 	// The WAL directory's own entry must be durable too: initdb syncs
 	// what is below it, not the directory it is in.
 	walDir := filepath.Join(base, "wal")
 	if err := os.Mkdir(walDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := syncDir(base); err != nil {
+	if err := (embedded.OSFS{}).SyncDir(base); err != nil {
 		t.Fatal(err)
 	}
-	if c, err = pgtest.New(pgtest.Options{WALDir: walDir}); err != nil {
+	if p.c, err = pgtest.New(pgtest.Options{WALDir: walDir}); err != nil {
 		t.Fatal(err)
 	}
-	dsn, err := c.CreateDatabase("spool")
-	if err != nil {
+	if p.dsn, err = p.c.CreateDatabase("spool"); err != nil {
 		t.Fatal(err)
 	}
+	return p
+}
 
-	acked := map[store.ID][]byte{} // every acknowledged message: its body
-	for round := 0; round < 3; round++ {
-		s, err := Open(ctx, Options{DSN: dsn, Node: "a", Logf: func(string, ...any) {}})
-		if err != nil {
-			t.Fatalf("round %d: Open: %v", round, err)
-		}
-		stop := plLoad(t, s, rng.Int63(), 64, acked)
-		if err := c.Stop("immediate"); err != nil {
-			t.Fatal(err)
-		}
-		stop()
-		s.crash()
-		unmount()
-		fsys.Crash(rng)
-		mount()
-		if err := c.Start(); err != nil {
-			t.Fatalf("round %d: the server does not start after the power cut: %v", round, err)
-		}
-		plVerify(t, dsn, acked)
-		t.Logf("round %d: %d acknowledged messages so far, all there", round, len(acked))
+func (p *powerServer) mount() {
+	var err error
+	if p.srv, err = p.fsys.Mount(p.base); err != nil {
+		p.t.Fatalf("mounting lazyfs: %v", err)
+	}
+}
+
+// powerCut kills the server (pg_ctl stop -m immediate), calls afterKill,
+// drops what the WAL's file system had not made durable, and starts the
+// server again, which recovers from what is left.
+func (p *powerServer) powerCut(rng *rand.Rand, afterKill func()) {
+	p.t.Helper()
+	if err := p.c.Stop("immediate"); err != nil {
+		p.t.Fatal(err)
+	}
+	afterKill()
+	if err := lazyfs.Unmount(p.srv); err != nil {
+		p.t.Fatalf("unmount: %v", err)
+	}
+	p.srv = nil
+	p.fsys.Crash(rng)
+	p.mount()
+	if err := p.c.Start(); err != nil {
+		p.t.Fatalf("the server does not start after the power cut: %v", err)
 	}
 }
 
@@ -225,11 +244,56 @@ func plSameBody(s *Store, m *store.Message, want []byte) error {
 	return nil
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
+// TestPowerLossKeepsReservedIDs checks what reserveID promises: a block of
+// IDs a node reserved is durable before the node uses it, so a power cut
+// of the database's machine cannot hand the same IDs to another node
+// while the first still holds them. Node a reserves a block (its first
+// Create) and keeps the message in memory; the power goes; node b then
+// stores and commits messages; a's Commit, after the restart, must find
+// its ID still its own.
+func TestPowerLossKeepsReservedIDs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts its own PostgreSQL server on a FUSE mount")
 	}
-	defer d.Close()
-	return d.Sync()
+	pgtest.Require(t)
+	lazyfs.Require(t)
+	srv := newPowerServer(t)
+	open := func(node string) *Store {
+		s, err := Open(ctx, Options{DSN: srv.dsn, Node: node, Logf: func(string, ...any) {}})
+		if err != nil {
+			t.Fatalf("Open(%s): %v", node, err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	a := open("a")
+	held := msgAt(time.Now(), "r@x.test")
+	la, err := a.Create(ctx, held, []byte(hdr), bytes.NewReader([]byte("a")), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a's connections died with the server; the pool would find out by
+	// its health check (or a failed write, and the client's retry).
+	srv.powerCut(rand.New(rand.NewSource(1)), a.pool.Reset)
+
+	b := open("b")
+	for i := 0; i < idBlock; i++ {
+		m := msgAt(time.Now(), "r@x.test")
+		l, err := b.Create(ctx, m, []byte(hdr), bytes.NewReader([]byte("b")), 1)
+		if err == nil {
+			_, err = b.Commit(ctx, l)
+		}
+		if err != nil {
+			t.Fatalf("b's message %d: %v", i, err)
+		}
+		if m.ID == held.ID {
+			t.Fatalf("b was given ID %v, reserved by a before the power cut", m.ID)
+		}
+	}
+	if _, err := a.Commit(ctx, la); err != nil {
+		t.Fatalf("a's Commit after the power cut: %v", err)
+	}
+	if m, err := b.Get(ctx, held.ID); err != nil || m.From != held.From {
+		t.Fatalf("a's message after its Commit: %+v, %v", m, err)
+	}
 }
